@@ -1,0 +1,118 @@
+"""The Mixtral architecture for one device. parallel/ rewrites it for many; nothing here knows that.
+
+    tokens (B, T) -> tok_embeddings -> L x [x + attention(norm(x)); x + moe(norm(x))] -> norm -> output
+Attention and MoE read their local sizes from their weights (`view(B, T, -1, Dh)`), so a tensor-
+parallel rewrite that shards the projections needs no change here.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import attention, pick_backend
+from .config import ModelConfig
+from .moe import MoE, RouterStats
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32, scale in the input dtype (as Mixtral does)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype):
+    """(B, T) positions -> cos, sin (B, 1, T, Dh) in the half-rotation layout of transformers."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim)
+    freqs = position_ids[..., None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.head_dim = cfg.head_size
+        self.window = cfg.sliding_window
+        self.backend = cfg.attention
+        self.wq = nn.Linear(cfg.dim, cfg.num_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.num_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.num_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.num_heads * self.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, position_ids: Optional[torch.Tensor]):
+        B, T, _ = x.shape
+        heads = lambda t: t.view(B, T, -1, self.head_dim).transpose(1, 2)  # noqa: E731  (B, h, T, Dh)
+        q, k, v = heads(self.wq(x)), heads(self.wk(x)), heads(self.wv(x))
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = attention(q, k, v, position_ids, self.window, pick_backend(self.backend, x.device))
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.moe = MoE(cfg.dim, cfg.num_experts, cfg.top_k, cfg.expert_dim)
+
+    def forward(self, x, cos, sin, position_ids):
+        x = x + self.attention(self.attention_norm(x), cos, sin, position_ids)
+        out, stats = self.moe(self.ffn_norm(x))
+        return x + out, *stats
+
+
+class Mixtral(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.checkpointed: set[int] = set()  # layer indices recomputed in backward (parallel/ sets it)
+
+    @torch.no_grad()
+    def init_weights(self, seed: Optional[int] = None):
+        """Normal(0, init_std) for matrices, ones for norms (transformers' Mixtral init)."""
+        gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * self.cfg.init_std)
+
+    def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None):
+        """tokens (B, T) -> logits (B, T, V) and RouterStats over all layers.
+
+        position_ids (B, T) restart at 0 at each packed document; None means 0..T-1 per row.
+        """
+        B, T = tokens.shape
+        positions = position_ids if position_ids is not None else \
+            torch.arange(T, device=tokens.device).expand(B, T)
+        h = self.tok_embeddings(tokens)
+        cos, sin = rotary_cos_sin(positions, self.cfg.head_size, self.cfg.rope_theta, h.dtype)
+        counts, prob_sums, z_sums = [], [], []
+        for i, layer in enumerate(self.layers):
+            if i in self.checkpointed and torch.is_grad_enabled():
+                h, c, p, z = checkpoint(layer, h, cos, sin, position_ids, use_reentrant=False)
+            else:
+                h, c, p, z = layer(h, cos, sin, position_ids)
+            counts.append(c), prob_sums.append(p), z_sums.append(z)
+        logits = self.output(self.norm(h))
+        stats = RouterStats(torch.stack(counts), torch.stack(prob_sums), torch.stack(z_sums),
+                            torch.tensor(float(B * T), device=tokens.device))
+        return logits, stats

@@ -1,0 +1,235 @@
+"""The one config tree: typed dataclasses (OmegaConf structured configs), YAML recipes, CLI overrides.
+
+    cfg = load_config("recipes/quickstart.yaml", ["pretrain.lr=1e-3", "parallel.tp=2"])
+
+Merge order: schema defaults <- model preset <- recipe YAML <- command line. Unknown keys, wrong
+types, missing required values (`???`) and unknown stage names are errors naming the key, raised
+before any heavy work. Stages reference each other's outputs by interpolation, e.g.
+`sft.init: ${pretrain.output}`, so no path is copied by hand.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from model.config import ModelConfig, PRESETS, check_preset, validate_model_config
+
+STAGES = ("tokenize", "pretrain", "sft", "dpo", "export")
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1  # tensor parallel degree (attention heads, vocab, expert hidden if expert_tp)
+    ep: int = 1  # expert parallel degree (experts split over ep ranks inside data parallel)
+    sp: bool = False  # sequence parallelism for norms/residuals (needs tp > 1)
+    expert_tp: bool = False  # also split each expert's hidden dim over the tp group
+    zero_stage: int = 1  # DeepSpeed ZeRO stage over the data-parallel group: 0, 1 or 2
+    moe_impl: str = "dropless"  # dropless (grouped GEMM, all-to-all) | deepspeed (classic, capacity)
+    capacity_factor: float = 1.0  # moe_impl=deepspeed only
+    activation_checkpointing: str = "none"  # none | full | selective (every other layer)
+
+
+@dataclass
+class TrainConfig:
+    """What every training stage (pretrain, sft, dpo) shares."""
+    init: Optional[str] = None  # start from: a checkpoint folder of this project or an HF Mixtral folder
+    output: str = MISSING  # run folder: checkpoints, logs, resolved config
+    steps: int = 100
+    micro_batch_size: int = 4  # sequences per rank per forward/backward
+    global_batch_size: int = 8  # sequences per optimizer step, over all data-parallel ranks
+    seq_len: int = 256
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm (0: off)
+    dtype: str = "fp32"  # fp32 | bf16 (bf16 weights and activations, fp32 master weights)
+    seed: int = 1234
+    save_every: int = 100  # steps between checkpoints (the last step is always saved)
+    keep_last: int = 2  # checkpoints kept, newest first ...
+    keep_every: int = 0  # ... plus every K-th step (0: none)
+    log_every: int = 10
+    eval_every: int = 0  # steps between held-out evaluations (0: only at the end, if there is a split)
+    eval_batches: int = 4
+    stop_after: Optional[int] = None  # leave after this step as if interrupted (tests, time budgets)
+
+
+@dataclass
+class TokenizeStage:
+    inputs: list[str] = field(default_factory=list)  # .txt, .jsonl (text_field), .parquet files
+    text_field: str = "text"
+    output: str = "${run_dir}/data/corpus"  # prefix of the indexed dataset (.bin/.idx)
+
+
+@dataclass
+class PretrainStage(TrainConfig):
+    data: str = "${tokenize.output}"  # indexed dataset prefix
+    output: str = "${run_dir}/pretrain"
+
+
+@dataclass
+class SFTStage(TrainConfig):
+    data: str = MISSING  # jsonl of {"messages": [{"role", "content"}, ...]}
+    valid_fraction: float = 0.05  # held-out conversations for loss and token accuracy
+    skip_bad_records: bool = False  # count and skip malformed records instead of failing
+    init: Optional[str] = "${pretrain.output}"
+    output: str = "${run_dir}/sft"
+    lr: float = 1e-4
+    warmup_steps: int = 5
+
+
+@dataclass
+class DPOStage(TrainConfig):
+    data: str = MISSING  # jsonl of {"prompt", "chosen", "rejected"}
+    skip_bad_records: bool = False
+    init: Optional[str] = "${sft.output}"
+    output: str = "${run_dir}/dpo"
+    beta: float = 0.1
+    loss: str = "sigmoid"  # sigmoid | ipo | hinge | robust
+    label_smoothing: float = 0.0  # sigmoid and robust only
+    reference: str = "precompute"  # precompute (one pass before training) | copy (frozen model copy)
+    lr: float = 5e-6
+    warmup_steps: int = 2
+
+
+@dataclass
+class ExportStage:
+    checkpoint: str = "${pretrain.output}"  # a run folder (its latest checkpoint) or a checkpoint
+    output: str = "${run_dir}/hf"
+    dtype: str = "bf16"  # weights dtype in the safetensors files: fp32 | bf16
+    max_shard_size: str = "2GB"
+    sample_prompt: Optional[str] = None  # generate from the export with transformers to check it
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "offline"  # offline | online (only when WANDB_API_KEY is set) | disabled
+    project: str = "moe-train"
+    progress: bool = True  # progress bar on rank 0
+
+
+@dataclass
+class SlurmConfig:
+    nodes: int = 1
+    gpus_per_node: int = 8  # also the tasks (ranks) per node
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    time: str = "04:00:00"
+    cpus_per_task: int = 8
+    signal_seconds: int = 120  # SIGUSR1 this long before the time limit: checkpoint and requeue
+    extra_sbatch: list[str] = field(default_factory=list)  # more "#SBATCH" options, verbatim
+    env: dict[str, str] = field(default_factory=dict)  # exported in the batch script
+
+
+@dataclass
+class RecipeConfig:
+    run_dir: str = "runs/default"
+    stages: list[str] = field(default_factory=lambda: ["pretrain"])  # run in this order
+    tokenizer: str = "mistral-v1"  # the Mixtral tokenizer shipped in mistral-common, or an HF folder
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    tokenize: TokenizeStage = field(default_factory=TokenizeStage)
+    pretrain: PretrainStage = field(default_factory=PretrainStage)
+    sft: SFTStage = field(default_factory=SFTStage)
+    dpo: DPOStage = field(default_factory=DPOStage)
+    export: ExportStage = field(default_factory=ExportStage)
+
+
+class ConfigError(ValueError):
+    """A recipe or override is wrong; the message names the file, key or value."""
+
+
+def load_config(recipe: Optional[str] = None, overrides: Optional[list[str]] = None) -> DictConfig:
+    """Schema <- preset <- recipe <- overrides, then validated. Errors are ConfigError."""
+    layers = []
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError(f"recipe file not found: {recipe}")
+        try:
+            layers.append(OmegaConf.load(path))
+        except Exception as e:  # yaml syntax errors carry line and column
+            raise ConfigError(f"{recipe}: cannot parse YAML: {e}") from e
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"command-line override {item!r} is not of the form key=value")
+    try:
+        layers.append(OmegaConf.from_dotlist(list(overrides or [])))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"command line: {e}") from e
+
+    preset = None
+    for layer in layers:
+        preset = OmegaConf.select(layer, "model.preset", default=preset)
+    try:
+        check_preset(preset)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    base = OmegaConf.merge(OmegaConf.structured(RecipeConfig),
+                           {"model": PRESETS.get(preset, {})})
+    for layer, source in zip(layers, [recipe or "command line"] * (len(layers) - 1) + ["command line"]):
+        try:
+            base = OmegaConf.merge(base, layer)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{source}: {_describe(e)}") from e
+    validate(base)
+    return base
+
+
+def _describe(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None)
+    msg = str(e).splitlines()[0]
+    if "not in" in msg and key:
+        return f"unknown config key '{key}'"
+    return f"key '{key}': {msg}" if key else msg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks that need no allocation: stage names, required values of the stages that run, model."""
+    for stage in cfg.stages:
+        if stage not in STAGES:
+            raise ConfigError(f"stages: unknown stage {stage!r}; choose from {list(STAGES)}")
+    for stage in cfg.stages:
+        for key in _missing_keys(cfg[stage], stage):
+            raise ConfigError(f"{key}: a value is required (stage '{stage}' runs)")
+    try:
+        validate_model_config(model_config_of(cfg))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    p = cfg.parallel
+    if p.zero_stage not in (0, 1, 2):
+        raise ConfigError(f"parallel.zero_stage must be 0, 1 or 2, got {p.zero_stage}")
+    if p.moe_impl not in ("dropless", "deepspeed"):
+        raise ConfigError(f"parallel.moe_impl must be dropless or deepspeed, got {p.moe_impl!r}")
+    if p.activation_checkpointing not in ("none", "full", "selective"):
+        raise ConfigError("parallel.activation_checkpointing must be none, full or selective, "
+                          f"got {p.activation_checkpointing!r}")
+    for stage in ("pretrain", "sft", "dpo"):
+        if stage in cfg.stages and cfg[stage].dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"{stage}.dtype must be fp32 or bf16, got {cfg[stage].dtype!r}")
+
+
+def _missing_keys(node: DictConfig, prefix: str):
+    for key in node:
+        full = f"{prefix}.{key}"
+        if OmegaConf.is_missing(node, key):
+            yield full
+        elif isinstance(node[key], DictConfig):
+            yield from _missing_keys(node[key], full)
+
+
+def model_config_of(cfg: DictConfig) -> ModelConfig:
+    return ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True))
+
+
+def save_config(cfg: DictConfig, path) -> None:
+    """The resolved config, as run: saved into every run folder and checkpoint."""
+    Path(path).write_text(OmegaConf.to_yaml(cfg, resolve=True))
