@@ -57,7 +57,7 @@ ATTENTION_BACKENDS = ("auto", "flash", "sdpa", "reference")
 def model_config(preset: Optional[str] = None, **overrides) -> ModelConfig:
     """A validated config: the preset's values, then `overrides` (tests and scripts use this)."""
     check_preset(preset)
-    cfg = replace(ModelConfig(preset=preset), **PRESETS.get(preset, {}), **overrides)
+    cfg = replace(ModelConfig(preset=preset), **{**PRESETS.get(preset, {}), **overrides})
     validate_model_config(cfg)
     return cfg
 
