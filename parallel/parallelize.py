@@ -1,0 +1,133 @@
+"""Rewrite a single-device Mixtral in place for a Layout (torchtitan's order), before DeepSpeed wraps it:
+
+    parallelize(model, layout, cfg.parallel)
+      1. tensor (+ sequence) parallelism by a plan keyed on module names (TP_PLAN below)
+      2. expert parallelism: each layers.i.moe.experts replaced by parallel/expert_parallel.py's module
+      3. with sp: gradients of the parameters every tp rank holds whole are summed over tp
+      4. activation checkpointing: none | full (every block) | selective (every other block)
+
+Layouts of the activations between modules (tp ranks r of `tp`):
+    residual stream h (B, T, D)    replicated; with sp sequence-sharded (B, T/tp, D) (rank r: chunk r)
+    attention input                copy_to_tp once (bwd all-reduce); with sp all_gather_from_sp once
+                                   (fwd all-gather, bwd reduce-scatter), then wq/wk/wv column-parallel
+                                   by heads (num_heads/tp query, num_kv_heads/tp key/value heads; the
+                                   model's Attention reads T and the head counts from its inputs and
+                                   weights, so it runs unchanged, rotary included, on the full sequence)
+    wo                             row-parallel: all-reduce, with sp reduce-scatter of the sequence
+    tok_embeddings                 vocab-parallel: all-reduce, with sp reduce-scatter of the sequence
+    norms, router                  replicated; with sp they see this rank's tokens only
+    experts                        replicated over tp (each rank computes its tokens: all of them, or
+                                   its sequence chunk with sp); expert_tp: hidden size F split over tp
+    output                         column-parallel, not gathered: logits (B, T, V/tp) stay vocab-
+                                   sharded for vocab_parallel_cross_entropy (with sp it all-gathers
+                                   its input sequence first)
+With sp, the router statistics are sums over this rank's tokens: `reduce_router_stats` adds them
+over tp before the auxiliary losses, so they equal the single-device values.
+"""
+
+from fnmatch import fnmatch
+
+from torch import nn
+
+from model.moe import RouterStats
+
+from .layers import ColumnParallelLinear, RowParallelLinear, TensorParallelExperts, VocabParallelEmbedding
+from .mappings import all_gather_from_sp, all_reduce, copy_to_tp, reduce_from_tp
+
+
+def prepare_attention_input(attention: nn.Module, group, sequence_parallel: bool) -> nn.Module:
+    """Bring the attention's input x (its first argument) into the tensor-parallel region once for the
+    three projections that share it (torchtitan's PrepareModuleInput; Megatron fuses QKV instead)."""
+    def enter(module, args):
+        x = all_gather_from_sp(args[0], group) if sequence_parallel else copy_to_tp(args[0], group)
+        return (x, *args[1:])
+
+    attention.register_forward_pre_hook(enter)
+    return attention
+
+
+def tensor_parallel_plan(layout) -> dict:
+    """Module-name pattern (fnmatch) -> function(module) -> the module to put in its place."""
+    g, sp = layout.tp_group, layout.sp
+    heads = lambda m: ColumnParallelLinear.from_linear(m, g, input_is_prepared=True)  # noqa: E731
+    plan = {
+        "tok_embeddings": lambda m: VocabParallelEmbedding.from_embedding(m, g, sequence_parallel=sp),
+        "layers.*.attention": lambda m: prepare_attention_input(m, g, sp),
+        "layers.*.attention.wq": heads,
+        "layers.*.attention.wk": heads,
+        "layers.*.attention.wv": heads,
+        "layers.*.attention.wo": lambda m: RowParallelLinear.from_linear(m, g, input_is_parallel=True,
+                                                                         sequence_parallel=sp),
+        "output": lambda m: ColumnParallelLinear.from_linear(m, g, gather_output=False, sequence_parallel=sp),
+    }
+    if layout.expert_tp:
+        plan["layers.*.moe.experts"] = lambda m: TensorParallelExperts.from_experts(m, g, sp)
+    return plan
+
+
+def apply_plan(model: nn.Module, plan: dict) -> None:
+    """Replace (or modify) every module whose name matches a pattern; every pattern must match."""
+    targets = [(name, style) for name, _ in model.named_modules()
+               for pattern, style in plan.items() if fnmatch(name, pattern)]
+    unused = [p for p in plan if not any(fnmatch(name, p) for name, _ in targets)]
+    if unused:
+        raise ValueError(f"tensor-parallel plan: {unused} matched no module of {type(model).__name__}")
+    for name, style in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, style(getattr(parent, child)))
+
+
+def apply_expert_parallel(model: nn.Module, layout, parallel_cfg) -> None:
+    """The expert-parallel plug point: with ep > 1 (or DeepSpeed's classic MoE) each
+    layers.i.moe.experts becomes parallel/expert_parallel.py's module (the interface of
+    model.moe.Experts) over layout.ep_group. Nothing to do (and nothing imported) otherwise."""
+    if layout.ep == 1 and parallel_cfg.moe_impl == "dropless":
+        return
+    try:
+        from . import expert_parallel
+    except ImportError as e:
+        raise NotImplementedError(f"parallel.ep={layout.ep}, parallel.moe_impl={parallel_cfg.moe_impl} "
+                                  "need parallel/expert_parallel.py") from e
+    for block in model.layers:  # LEAD: the constructor's name is the expert-parallel helper's
+        block.moe.experts = expert_parallel.from_experts(block.moe.experts, layout, parallel_cfg)
+
+
+def sum_replicated_grads_over_tp(model: nn.Module, group) -> None:
+    """Under sp every tp rank holds the norms, the router (and the experts unless expert_tp) whole
+    but feeds them only its own tokens: a hook sums their gradient over tp before it reaches .grad,
+    so DeepSpeed's data-parallel reduction (which runs in backward hooks) sees the full gradient."""
+    for p in model.parameters():
+        if p.requires_grad and not getattr(p, "tensor_model_parallel", False):
+            p.register_hook(lambda grad: all_reduce(grad, group))
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
+    layers = range(len(model.layers))
+    choices = {"none": set(), "full": set(layers), "selective": set(layers[::2])}
+    if mode not in choices:
+        raise ValueError(f"parallel.activation_checkpointing must be one of {sorted(choices)}, got {mode!r}")
+    model.checkpointed = choices[mode]
+
+
+def parallelize(model: nn.Module, layout, parallel_cfg) -> nn.Module:
+    """Rewrite `model` (a single-device Mixtral with its weights loaded) in place; returns it."""
+    if layout.tp > 1:
+        apply_plan(model, tensor_parallel_plan(layout))
+    apply_expert_parallel(model, layout, parallel_cfg)
+    if layout.sp:
+        sum_replicated_grads_over_tp(model, layout.tp_group)
+    apply_activation_checkpointing(model, parallel_cfg.activation_checkpointing)
+    return model
+
+
+def reduce_router_stats(stats: RouterStats, layout) -> RouterStats:
+    """The router statistics of the tokens of the whole tp group. Under sp each tp rank routes its own
+    T/tp tokens: counts, prob_sum and z_sum are summed over tp (reduce_from_tp: fwd all-reduce, bwd
+    identity, so each rank's gradient reaches its own tokens). num_tokens is already the full count
+    (the model sees every token id). Without sp the stats are already whole: returned as they are."""
+    if not layout.sp:
+        return stats
+    g = layout.tp_group
+    return RouterStats(all_reduce(stats.counts, g), reduce_from_tp(stats.prob_sum, g),
+                       reduce_from_tp(stats.z_sum, g), stats.num_tokens)
