@@ -1,0 +1,99 @@
+"""The pretraining sample stream: documents packed back to back into fixed-length rows, shuffled, seeded,
+sharded over data-parallel ranks, infinite, exactly resumable.
+
+Epoch e (e = 0, 1, ...) with rng = numpy default_rng([seed, e]):
+  1. the documents in the order rng.permutation(len(dataset)), concatenated into one token stream S_e
+     (each document is <s> ... </s> already, see data.indexed.tokenize_files);
+  2. R = (num_tokens - 1) // seq_len rows; row k is S_e[k*T : k*T + T + 1] (T = seq_len): consecutive rows
+     share one token, as in Megatron, so every token is an input once; the < T tokens at the end of S_e
+     are skipped this epoch (another order next epoch). A document may span several rows;
+  3. the rows in the order rng.permutation(R) (shuffled so that a micro-batch mixes documents).
+The epochs' row sequences, one after another, form the global row sequence g = 0, 1, 2, ...; it does
+not depend on the number of ranks. Each `next_batch()` takes the next micro_batch_size * dp_size global
+rows; rank r gets those with g % dp_size == r. The ranks' rows are disjoint, and together they are the
+rows of the dp_size=1 stream with micro_batch_size * dp_size rows per batch.
+
+A batch (torch int64, (B, T) each, B = micro_batch_size):
+  tokens        row[:T]
+  labels        row[1:] (next token). Where the next token starts another document (the "<s>" after a
+                "</s>") it is kept, as in Megatron's packing: every position is a loss position (-100
+                never appears), and predicting <s> after </s> is trivial.
+  position_ids  0, 1, 2, ... restarting at 0 at every document start and at the start of every row;
+                the model derives its document-causal attention mask from them.
+
+`state_dict()` is small and JSON-serialisable (the count of global rows consumed, plus what must match
+on resume); `load_state_dict()` continues the identical stream, also with another dp_size or
+micro_batch_size (the global row sequence is the same).
+"""
+
+import numpy as np
+import torch
+
+from .indexed import IndexedDataset
+from .readers import DataError
+
+
+class PackedStream:
+    def __init__(self, dataset: IndexedDataset, seq_len: int, micro_batch_size: int, seed: int,
+                 dp_rank: int = 0, dp_size: int = 1):
+        if seq_len < 1 or micro_batch_size < 1:
+            raise ValueError(f"seq_len ({seq_len}) and micro_batch_size ({micro_batch_size}) must be >= 1")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank ({dp_rank}) must be in [0, dp_size={dp_size})")
+        if dataset.num_tokens < seq_len + 1:
+            raise DataError(f"{dataset.prefix}: {dataset.num_tokens} tokens, fewer than one row of "
+                            f"seq_len + 1 = {seq_len + 1}")
+        self.dataset, self.seq_len, self.micro_batch_size = dataset, seq_len, micro_batch_size
+        self.seed, self.dp_rank, self.dp_size = seed, dp_rank, dp_size
+        self.rows_per_epoch = (dataset.num_tokens - 1) // seq_len
+        self.lengths = dataset.lengths
+        self.rows_consumed = 0  # global rows handed out to all ranks together
+        self._plan = None
+
+    def epoch_plan(self, epoch: int):
+        """(epoch, document order, end of each ordered document in S_e, row order) of one epoch."""
+        if self._plan is None or self._plan[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(len(self.dataset))
+            self._plan = (epoch, order, np.cumsum(self.lengths[order]), rng.permutation(self.rows_per_epoch))
+        return self._plan
+
+    def row(self, g: int) -> tuple[np.ndarray, np.ndarray]:
+        """Global row g: its seq_len + 1 tokens and their positions within their documents (restarted at
+        the row start)."""
+        epoch, k = divmod(g, self.rows_per_epoch)
+        _, order, ends, row_order = self.epoch_plan(epoch)
+        start, need = int(row_order[k]) * self.seq_len, self.seq_len + 1
+        j = int(np.searchsorted(ends, start, side="right"))  # the document holding token `start` of S_e
+        offset = start - (ends[j] - self.lengths[order[j]])
+        pieces = []
+        while need:
+            doc = order[j]
+            begin = self.dataset.offsets[doc] + offset
+            piece = self.dataset.tokens[begin: min(begin + need, self.dataset.offsets[doc + 1])]
+            pieces.append(piece)
+            need -= len(piece)
+            j, offset = j + 1, 0
+        positions = np.concatenate([np.arange(len(p)) for p in pieces])
+        return np.concatenate(pieces).astype(np.int64), positions
+
+    def next_batch(self) -> dict:
+        first = self.rows_consumed + self.dp_rank
+        rows = [self.row(first + i * self.dp_size) for i in range(self.micro_batch_size)]
+        self.rows_consumed += self.micro_batch_size * self.dp_size
+        tokens = torch.from_numpy(np.stack([r[0] for r in rows]))
+        positions = torch.from_numpy(np.stack([r[1][:-1] for r in rows]))
+        return dict(tokens=tokens[:, :-1].contiguous(), labels=tokens[:, 1:].contiguous(), position_ids=positions)
+
+    def state_dict(self) -> dict:
+        epoch, row = divmod(self.rows_consumed, self.rows_per_epoch)
+        return dict(rows_consumed=self.rows_consumed, epoch=epoch, row_in_epoch=row, seed=self.seed,
+                    seq_len=self.seq_len, documents=len(self.dataset), tokens=self.dataset.num_tokens)
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for key in ("seed", "seq_len", "documents", "tokens"):
+            if state.get(key) != mine[key]:
+                raise DataError(f"data stream state: {key} is {state.get(key)!r} in the checkpoint but "
+                                f"{mine[key]!r} now; the stream cannot resume exactly")
+        self.rows_consumed = int(state["rows_consumed"])

@@ -1,0 +1,324 @@
+"""Layout-independent checkpoints: logical tensors written in slices, read back into any layout.
+
+A checkpoint is a folder `step_00000100/`:
+    manifest.json        tensor -> full shape, dtype, and its slices (file, key, offsets, shape, sha256)
+    rank00000.safetensors ...   the slices each rank was designated to write
+    trainer_state.json   step, scheduler, data position, RNG states, layout it was saved at
+    config.yaml          the resolved config of the run
+Tensors: `model/<name>` (fp32 master weights), `exp_avg/<name>`, `exp_avg_sq/<name>` (Adam moments),
+`<name>` being the parameter's name in the single-device model. A parameter sharded by parallel/
+carries `param._shard`: (dim, rank, world) or a list of them; its slice of the logical tensor follows.
+Replicas (data parallel, tensor-parallel replicated norms...) are written once, by the lowest rank.
+
+ZeRO's flat buffers are read and written through DeepSpeed's per-parameter accessors
+(safe_get/set_full_fp32_param, safe_get/set_full_optimizer_state), which gather over the parameter's
+data-parallel group: every rank calls them for every parameter, in the same order.
+
+Safety: ranks write into `step_X.tmp/`; rank 0 fsyncs, renames to `step_X/` and only then points
+`latest` at it, so a crash at any moment leaves the previous checkpoint loadable. Every slice's sha256
+is checked on load; nothing is ever unpickled.
+"""
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
+                             safe_set_full_fp32_param, safe_set_full_optimizer_state)
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import distributed as D
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------- slices of logical tensors
+
+def shard_specs(param) -> list[tuple[int, int, int]]:
+    spec = getattr(param, "_shard", None)
+    if spec is None:
+        return []
+    return [tuple(spec)] if isinstance(spec[0], int) else [tuple(s) for s in spec]
+
+
+def local_slice(param) -> tuple[list[int], list[int]]:
+    """(full shape, offsets) of this rank's piece of the logical tensor."""
+    full, offsets = list(param.shape), [0] * param.dim()
+    for dim, rank, world in shard_specs(param):
+        offsets[dim] = offsets[dim] * world + rank * param.shape[dim]
+        full[dim] *= world
+    return full, offsets
+
+
+def _intersect(off_a, shape_a, off_b, shape_b):
+    lo = [max(a, b) for a, b in zip(off_a, off_b)]
+    hi = [min(a + s, b + t) for a, s, b, t in zip(off_a, shape_a, off_b, shape_b)]
+    return None if any(h <= l for l, h in zip(lo, hi)) else (lo, hi)
+
+
+def _sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy()).hexdigest()
+
+
+# ---------------------------------------------------------------- reading DeepSpeed's state
+
+def _base_optimizer(engine):
+    opt = engine.optimizer
+    return getattr(opt, "optimizer", opt)
+
+
+def _master(engine, p) -> torch.Tensor:
+    v = safe_get_full_fp32_param(p)
+    return (v if v is not None else p.detach()).float().cpu()
+
+
+def _moment(engine, p, key) -> torch.Tensor:
+    v = safe_get_full_optimizer_state(p, key)
+    if v is None:
+        v = _base_optimizer(engine).state[p][key]
+    return v.float().cpu()
+
+
+def _ensure_optimizer_state(engine, step: int):
+    """Adam's state at `step`: zeros where no step ran yet, so it can be read or overwritten."""
+    base = _base_optimizer(engine)
+    for group in base.param_groups:
+        for p in group["params"]:
+            if "exp_avg" not in base.state[p]:
+                base.state[p].update(step=torch.tensor(float(step)), exp_avg=torch.zeros_like(p),
+                                     exp_avg_sq=torch.zeros_like(p))
+            else:
+                base.state[p]["step"] = torch.tensor(float(step))
+    # (Re)link ZeRO's per-parameter views of the state. DeepSpeed links them once, after stepping its
+    # first param group, so the views of later groups (here: the no-decay norms) stay empty.
+    if hasattr(engine.optimizer, "_hp_optimizer_states_linked"):
+        engine.optimizer._hp_optimizer_states_linked = False
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
+
+
+# ---------------------------------------------------------------- save
+
+def save_checkpoint(root, step: int, engine, trainer_state: dict, config_yaml: str,
+                    keep_last: int = 2, keep_every: int = 0) -> Path:
+    root = Path(root)
+    final, tmp = root / f"step_{step:08d}", root / f"step_{step:08d}.tmp"
+    if D.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    D.barrier()
+
+    _ensure_optimizer_state(engine, step)
+    pieces = {}  # key -> (tensor, full shape, offsets)
+    for name, p in engine.module.named_parameters():
+        full, offsets = local_slice(p)
+        pieces[f"model/{name}"] = (_master(engine, p), full, offsets)
+        for key in MOMENTS:
+            pieces[f"{key}/{name}"] = (_moment(engine, p, key), full, offsets)
+
+    mine = [(k, tuple(off)) for k, (_, _, off) in pieces.items()]
+    everyone = [None] * D.world_size()
+    if dist.is_initialized():
+        dist.all_gather_object(everyone, mine)
+    else:
+        everyone = [mine]
+    writer = {}
+    for r, items in enumerate(everyone):
+        for item in items:
+            writer.setdefault(item, r)
+    fname = f"rank{D.rank():05d}.safetensors"
+    tensors, entries = {}, []
+    for key, (t, full, offsets) in pieces.items():
+        if writer[(key, tuple(offsets))] != D.rank():
+            continue
+        skey = f"{key}@{','.join(map(str, offsets))}"
+        tensors[skey] = t.contiguous()
+        entries.append(dict(tensor=key, full_shape=full, dtype=str(t.dtype).replace("torch.", ""),
+                            file=fname, key=skey, offsets=offsets, shape=list(t.shape),
+                            sha256=_sha256(t)))
+    save_file(tensors, str(tmp / fname))
+    _fsync(tmp / fname)
+
+    rng = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available():
+        rng["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    gathered = [None] * D.world_size()
+    if dist.is_initialized():
+        dist.gather_object((entries, rng), gathered if D.is_main() else None, dst=0)
+    else:
+        gathered = [(entries, rng)]
+
+    if D.is_main():
+        manifest = {"step": step, "tensors": {}}
+        for ents, _ in gathered:
+            for e in ents:
+                t = manifest["tensors"].setdefault(e["tensor"], dict(full_shape=e["full_shape"],
+                                                                     dtype=e["dtype"], slices=[]))
+                t["slices"].append({k: e[k] for k in ("file", "key", "offsets", "shape", "sha256")})
+        state = dict(trainer_state, step=step, rng=[g[1] for g in gathered])
+        _write(tmp / "manifest.json", json.dumps(manifest, indent=1))
+        _write(tmp / "trainer_state.json", json.dumps(state, indent=1))
+        _write(tmp / "config.yaml", config_yaml)
+        _fsync(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(root)
+        _write(root / "latest.tmp", final.name)
+        os.replace(root / "latest.tmp", root / "latest")
+        _fsync(root)
+        _prune(root, keep_last, keep_every)
+    D.barrier()
+    return final
+
+
+def _write(path: Path, text: str):
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _prune(root: Path, keep_last: int, keep_every: int):
+    steps = sorted(int(p.name[5:]) for p in root.glob("step_*") if p.name[5:].isdigit())
+    keep = set(steps[-max(keep_last, 1):])
+    if keep_every:
+        keep |= {s for s in steps if s % keep_every == 0}
+    for s in steps:
+        if s not in keep:
+            shutil.rmtree(root / f"step_{s:08d}")
+
+
+# ---------------------------------------------------------------- load
+
+def latest_checkpoint(root) -> Optional[Path]:
+    """The checkpoint `latest` points at, or None when the folder has none."""
+    pointer = Path(root) / "latest"
+    if not pointer.is_file():
+        return None
+    path = Path(root) / pointer.read_text().strip()
+    if not (path / "manifest.json").is_file():
+        raise CheckpointError(f"{pointer} points at {path}, which is not a complete checkpoint")
+    return path
+
+
+class CheckpointReader:
+    """Reads any box of any logical tensor, verifying each slice's checksum once."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        try:
+            self.manifest = json.loads((self.path / "manifest.json").read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{self.path / 'manifest.json'}: unreadable manifest ({e})") from e
+        self._files, self._verified = {}, set()
+
+    def names(self, kind: str = "model") -> list[str]:
+        return [k[len(kind) + 1:] for k in self.manifest["tensors"] if k.startswith(kind + "/")]
+
+    def has(self, key: str) -> bool:
+        return key in self.manifest["tensors"]
+
+    def full_shape(self, key: str) -> list[int]:
+        return self.manifest["tensors"][key]["full_shape"]
+
+    def _slice(self, s: dict, tensor: str) -> torch.Tensor:
+        file = self.path / s["file"]
+        try:
+            if s["file"] not in self._files:
+                self._files[s["file"]] = safe_open(str(file), framework="pt")
+            t = self._files[s["file"]].get_tensor(s["key"])
+        except Exception as e:
+            raise CheckpointError(f"{file}: cannot read tensor '{tensor}' ({e})") from e
+        if s["key"] not in self._verified:
+            if list(t.shape) != s["shape"] or _sha256(t) != s["sha256"]:
+                raise CheckpointError(f"{file}: tensor '{tensor}' is corrupted (checksum mismatch)")
+            self._verified.add(s["key"])
+        return t
+
+    def read(self, key: str, offsets=None, shape=None) -> torch.Tensor:
+        """The box [offsets, offsets + shape) of logical tensor `key` (the whole tensor by default)."""
+        if key not in self.manifest["tensors"]:
+            raise CheckpointError(f"{self.path}: checkpoint has no tensor '{key}'")
+        meta = self.manifest["tensors"][key]
+        shape = shape or meta["full_shape"]
+        offsets = offsets or [0] * len(shape)
+        out = torch.empty(shape, dtype=getattr(torch, meta["dtype"]))
+        covered = 0
+        for s in meta["slices"]:
+            box = _intersect(offsets, shape, s["offsets"], s["shape"])
+            if box is None:
+                continue
+            lo, hi = box
+            src = self._slice(s, key)[tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, s["offsets"]))]
+            out[tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, offsets))] = src
+            covered += src.numel()
+        if covered != out.numel():
+            raise CheckpointError(f"{self.path}: slices of '{key}' do not cover the requested box")
+        return out
+
+    def trainer_state(self) -> dict:
+        return json.loads((self.path / "trainer_state.json").read_text())
+
+
+def load_checkpoint(path, engine, load_optimizer: bool = True) -> dict:
+    """Fill the model (and optimizer) of `engine` from a checkpoint saved at any layout.
+
+    Returns the trainer state (step, scheduler, data position...). RNG states are restored when the
+    checkpoint has one for this rank.
+    """
+    reader = CheckpointReader(path)
+    state = reader.trainer_state()
+    params = dict(engine.module.named_parameters())
+    expected = set(params)
+    stored = set(reader.names("model"))
+    if expected != stored:
+        raise CheckpointError(f"{path}: parameters differ from the model: missing "
+                              f"{sorted(expected - stored)[:5]}, unexpected {sorted(stored - expected)[:5]}")
+    if load_optimizer:
+        _ensure_optimizer_state(engine, state["step"])
+    for name, p in params.items():
+        full, offsets = local_slice(p)
+        if reader.full_shape(f"model/{name}") != full:
+            raise CheckpointError(f"{path}: tensor 'model/{name}' has shape "
+                                  f"{reader.full_shape(f'model/{name}')}, the model expects {full}")
+        master = reader.read(f"model/{name}", offsets, list(p.shape)).to(p.device)
+        with torch.no_grad():
+            p.copy_(master.to(p.dtype))
+        safe_set_full_fp32_param(p, master)
+        if not load_optimizer:
+            continue
+        for key in MOMENTS:
+            if not reader.has(f"{key}/{name}"):
+                continue
+            value = reader.read(f"{key}/{name}", offsets, list(p.shape)).to(p.device)
+            if hasattr(p, "_hp_mapping"):
+                safe_set_full_optimizer_state(p, value, key)
+            else:
+                _base_optimizer(engine).state[p][key].copy_(value)
+    rngs = state.get("rng", [])
+    if D.rank() < len(rngs):
+        rng = rngs[D.rank()]
+        torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(rng["torch"])), dtype=torch.uint8))
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(rng["cuda"])),
+                                                      dtype=torch.uint8))
+    return state

@@ -1,0 +1,79 @@
+"""Checkpoint (saved at any layout) -> Hugging Face MixtralForCausalLM folder, without launching a job.
+
+    python -m trainer.export runs/quickstart/pretrain runs/quickstart/hf [--dtype bf16]
+"""
+
+import argparse
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from model import ModelConfig
+from model.hf import export_hf
+
+from .checkpoint import CheckpointError, CheckpointReader, latest_checkpoint
+
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint folder, or a run folder whose `checkpoints/latest` names one."""
+    path = Path(path)
+    if (path / "manifest.json").is_file():
+        return path
+    ckpt = latest_checkpoint(path / "checkpoints")
+    if ckpt is None:
+        raise CheckpointError(f"{path}: no checkpoint (neither a manifest.json nor checkpoints/latest)")
+    return ckpt
+
+
+def read_model(path):
+    """(ModelConfig, full unsharded state dict, resolved config) of a checkpoint."""
+    ckpt = resolve_checkpoint(path)
+    cfg = OmegaConf.load(ckpt / "config.yaml")
+    mcfg = ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True))
+    reader = CheckpointReader(ckpt)
+    state = {name: reader.read(f"model/{name}") for name in reader.names("model")}
+    return mcfg, state, cfg
+
+
+def export_checkpoint(checkpoint, out_dir, tokenizer=None, dtype="bf16", max_shard_size="2GB",
+                      sample_prompt=None) -> Path:
+    import torch
+
+    from data.tokenizer import load_tokenizer
+
+    mcfg, state, cfg = read_model(checkpoint)
+    tok = load_tokenizer(tokenizer or cfg.tokenizer)
+    out = export_hf(state, mcfg, out_dir, tokenizer=tok, max_shard_size=max_shard_size,
+                    dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+    print(f"[export] {resolve_checkpoint(checkpoint)} -> {out_dir}", flush=True)
+    if sample_prompt:
+        print(f"[export] sample: {generate(out_dir, tok, sample_prompt)!r}", flush=True)
+    return Path(out_dir)
+
+
+def generate(hf_dir, tokenizer, prompt: str, max_new_tokens: int = 40) -> str:
+    """Greedy continuation of `prompt` by transformers' MixtralForCausalLM loaded from `hf_dir`."""
+    import torch
+    from transformers import MixtralForCausalLM
+
+    model = MixtralForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint", help="checkpoint folder or run folder")
+    p.add_argument("output", help="HF folder to write")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--tokenizer", default=None, help="default: the run's tokenizer")
+    p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--sample-prompt", default=None)
+    a = p.parse_args(argv)
+    export_checkpoint(a.checkpoint, a.output, a.tokenizer, a.dtype, a.max_shard_size, a.sample_prompt)
+
+
+if __name__ == "__main__":
+    main()

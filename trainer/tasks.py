@@ -1,0 +1,83 @@
+"""Tasks: what a stage feeds the loop (batches) and what it minimises (loss). Pretraining lives here;
+SFT and DPO in sft.py and dpo.py. A task implements:
+
+    next_batch() -> dict of (B, T) tensors on the device
+    num_loss_tokens(batch) -> int        tokens that count in the loss (normalises the step)
+    loss(engine, batch, scale) -> (loss tensor for backward, metric sums)
+    reduce_metrics(sums, layout) -> dict  metric sums of one step -> step metrics, over all ranks
+    evaluate(engine, layout) -> dict      held-out metrics ({} when there is no split)
+    state_dict() / load_state_dict()      data position, for exact resume
+"""
+
+import torch
+import torch.distributed as dist
+
+from data.indexed import IndexedDataset
+from data.stream import PackedStream
+from model import load_balancing_loss, router_z_loss
+from parallel.cross_entropy import vocab_parallel_cross_entropy
+from parallel.parallelize import reduce_router_stats
+
+from . import distributed as D
+
+
+def to_device(batch: dict) -> dict:
+    return {k: v.to(D.device(), non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def token_losses(logits, labels, layout) -> torch.Tensor:
+    """Per-token cross entropy (B, T) from logits that may be vocab-sharded over tp; 0 where -100."""
+    return vocab_parallel_cross_entropy(logits.float(), labels, layout.tp_group)
+
+
+def router_loss(stats, model_cfg, layout) -> torch.Tensor:
+    """Mixtral's load-balancing loss (+ z-loss) with their coefficients, over the tokens of the step's
+    micro-batch on this data-parallel rank (sequence shards summed first)."""
+    stats = reduce_router_stats(stats, layout)
+    loss = model_cfg.router_aux_loss_coef * load_balancing_loss(stats)
+    if model_cfg.router_z_loss_coef:
+        loss = loss + model_cfg.router_z_loss_coef * router_z_loss(stats)
+    return loss
+
+
+def sum_over_dp(values: list[float], layout) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=D.device())
+    if dist.is_initialized() and layout.dp > 1:
+        dist.all_reduce(t, group=layout.dp_group)
+    return t.tolist()
+
+
+class PretrainTask:
+    counts_all_tokens = True  # every position is a loss token: tokens/s counts them all
+
+    def __init__(self, scfg, model_cfg, layout):
+        self.model_cfg, self.layout = model_cfg, layout
+        self.stream = PackedStream(IndexedDataset(scfg.data), scfg.seq_len, scfg.micro_batch_size,
+                                   scfg.seed, dp_rank=layout.dp_rank, dp_size=layout.dp)
+
+    def next_batch(self):
+        return to_device(self.stream.next_batch())
+
+    def num_loss_tokens(self, batch) -> int:
+        return int((batch["labels"] != -100).sum())
+
+    def loss(self, engine, batch, scale):
+        logits, stats = engine(batch["tokens"], batch["position_ids"])
+        ce_sum = token_losses(logits, batch["labels"], self.layout).sum()
+        aux = router_loss(stats, self.model_cfg, self.layout)
+        return ce_sum * scale + aux, {"loss_sum": ce_sum.item(), "tokens": self.num_loss_tokens(batch),
+                                      "aux_sum": aux.item(), "micro": 1}
+
+    def reduce_metrics(self, sums, layout) -> dict:
+        loss_sum, tokens, aux_sum, micro = sum_over_dp(
+            [sums["loss_sum"], sums["tokens"], sums["aux_sum"], sums["micro"]], layout)
+        return {"loss": loss_sum / tokens, "aux_loss": aux_sum / micro}
+
+    def evaluate(self, engine, layout) -> dict:
+        return {}
+
+    def state_dict(self):
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state):
+        self.stream.load_state_dict(state)
