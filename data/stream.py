@@ -9,9 +9,13 @@ Epoch e (e = 0, 1, ...) with rng = numpy default_rng([seed, e]):
      are skipped this epoch (another order next epoch). A document may span several rows;
   3. the rows in the order rng.permutation(R) (shuffled so that a micro-batch mixes documents).
 The epochs' row sequences, one after another, form the global row sequence g = 0, 1, 2, ...; it does
-not depend on the number of ranks. Each `next_batch()` takes the next micro_batch_size * dp_size global
-rows; rank r gets those with g % dp_size == r. The ranks' rows are disjoint, and together they are the
-rows of the dp_size=1 stream with micro_batch_size * dp_size rows per batch.
+not depend on the number of ranks. An optimizer step takes the next W = micro_batch_size * dp_size *
+accumulation global rows, split into G = dp_size * accumulation micro-batches: micro-batch m of rank r
+is group k = m * dp_size + r, the rows S + k + i * G (i < micro_batch_size, S the step's first row).
+The ranks' rows are disjoint, and the groups depend only on G: a layout with dp_size=2 and one
+micro-batch per step sees exactly the micro-batches of one rank accumulating two. That matters
+beyond the gradient sum: per-micro-batch quantities such as the MoE load-balancing loss are then
+equal across layouts.
 
 A batch (torch int64, (B, T) each, B = micro_batch_size):
   tokens        row[:T]
@@ -35,7 +39,7 @@ from .readers import DataError
 
 class PackedStream:
     def __init__(self, dataset: IndexedDataset, seq_len: int, micro_batch_size: int, seed: int,
-                 dp_rank: int = 0, dp_size: int = 1):
+                 dp_rank: int = 0, dp_size: int = 1, accumulation: int = 1):
         if seq_len < 1 or micro_batch_size < 1:
             raise ValueError(f"seq_len ({seq_len}) and micro_batch_size ({micro_batch_size}) must be >= 1")
         if not 0 <= dp_rank < dp_size:
@@ -44,10 +48,11 @@ class PackedStream:
             raise DataError(f"{dataset.prefix}: {dataset.num_tokens} tokens, fewer than one row of "
                             f"seq_len + 1 = {seq_len + 1}")
         self.dataset, self.seq_len, self.micro_batch_size = dataset, seq_len, micro_batch_size
-        self.seed, self.dp_rank, self.dp_size = seed, dp_rank, dp_size
+        self.seed, self.dp_rank, self.dp_size, self.accumulation = seed, dp_rank, dp_size, accumulation
         self.rows_per_epoch = (dataset.num_tokens - 1) // seq_len
         self.lengths = dataset.lengths
-        self.rows_consumed = 0  # global rows handed out to all ranks together
+        self.rows_consumed = 0  # global rows handed out to all ranks together, in whole steps
+        self.micro = 0  # micro-batch index within the current step
         self._plan = None
 
     def epoch_plan(self, epoch: int):
@@ -78,14 +83,19 @@ class PackedStream:
         return np.concatenate(pieces).astype(np.int64), positions
 
     def next_batch(self) -> dict:
-        first = self.rows_consumed + self.dp_rank
-        rows = [self.row(first + i * self.dp_size) for i in range(self.micro_batch_size)]
-        self.rows_consumed += self.micro_batch_size * self.dp_size
+        groups = self.dp_size * self.accumulation
+        first = self.rows_consumed + self.micro * self.dp_size + self.dp_rank
+        rows = [self.row(first + i * groups) for i in range(self.micro_batch_size)]
+        self.micro += 1
+        if self.micro == self.accumulation:
+            self.micro, self.rows_consumed = 0, self.rows_consumed + self.micro_batch_size * groups
         tokens = torch.from_numpy(np.stack([r[0] for r in rows]))
         positions = torch.from_numpy(np.stack([r[1][:-1] for r in rows]))
         return dict(tokens=tokens[:, :-1].contiguous(), labels=tokens[:, 1:].contiguous(), position_ids=positions)
 
     def state_dict(self) -> dict:
+        if self.micro:
+            raise RuntimeError("the stream's state is taken between optimizer steps, not mid-step")
         epoch, row = divmod(self.rows_consumed, self.rows_per_epoch)
         return dict(rows_consumed=self.rows_consumed, epoch=epoch, row_in_epoch=row, seed=self.seed,
                     seq_len=self.seq_len, documents=len(self.dataset), tokens=self.dataset.num_tokens)

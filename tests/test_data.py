@@ -270,6 +270,15 @@ def test_data_parallel_ranks_split_the_single_rank_stream(dataset):
                     assert torch.equal(ranks[r][step][key], whole[key][r::dp])
 
 
+def test_accumulation_groups_equal_data_parallel_ranks(dataset):
+    """One rank accumulating 2 micro-batches sees the micro-batches of 2 ranks, in rank order."""
+    single = PackedStream(dataset, 32, micro_batch_size=3, seed=4, accumulation=2)
+    ranks = [PackedStream(dataset, 32, 3, seed=4, dp_rank=r, dp_size=2) for r in range(2)]
+    for _ in range(70):  # crosses an epoch
+        for r in range(2):
+            assert same([single.next_batch()], [ranks[r].next_batch()])
+
+
 def test_resume_continues_exactly(dataset):
     stream = PackedStream(dataset, 32, 4, seed=5)
     batches(stream, 60)  # mid-way through the first epoch (325 rows)

@@ -17,6 +17,7 @@ from parallel.layout import Layout
 from parallel.parallelize import parallelize
 
 from .checkpoint import CheckpointReader, latest_checkpoint
+from .tasks import accumulation_steps
 
 
 def starting_point(init):
@@ -76,11 +77,10 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 
 def deepspeed_config(scfg: DictConfig, layout: Layout, zero_stage: int) -> dict:
-    gas = scfg.global_batch_size // (scfg.micro_batch_size * layout.dp)
     return {
         "train_batch_size": scfg.global_batch_size,
         "train_micro_batch_size_per_gpu": scfg.micro_batch_size,
-        "gradient_accumulation_steps": gas,
+        "gradient_accumulation_steps": accumulation_steps(scfg, layout),
         "gradient_clipping": scfg.grad_clip,
         "zero_optimization": {"stage": zero_stage},
         "bf16": {"enabled": scfg.dtype == "bf16"},

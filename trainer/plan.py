@@ -1,7 +1,8 @@
 """Memory and throughput planner: will a layout fit, before anything is launched.
 
-    python -m trainer.plan RECIPE [key=value ...] [--stage pretrain] [--world-size N]
+    python -m trainer.plan RECIPE [key=value ...] [--stage pretrain] [--world-size N] [--loss fused]
                            [--gpu-memory-gb 80] [--headroom 0.1] [--mfu 0.4] [--peak-tflops 989]
+    (exit 0: fits; 1: does not fit, with a WARNING line; 2: bad recipe or layout)
     plan(model_cfg, tp=1, ep=1, dp=1, zero_stage=1, micro_batch=4, seq_len=256, dtype="fp32",
          activation_checkpointing="none", ...) -> dict of bytes per GPU
 
@@ -127,7 +128,7 @@ def plan(cfg: ModelConfig, tp: int = 1, ep: int = 1, dp: int = 1, zero_stage: in
 
 # ---- command line ------------------------------------------------------------------------------
 
-def plan_recipe(cfg, stage: str, world_size: int) -> dict:
+def plan_recipe(cfg, stage: str, world_size: int, fused_loss: bool = True) -> dict:
     """plan() for a loaded recipe (trainer.config.load_config) and a world size."""
     from .config import model_config_of
     from .engine import deepspeed_config
@@ -141,7 +142,7 @@ def plan_recipe(cfg, stage: str, world_size: int) -> dict:
     return plan(model_config_of(cfg), tp=p.tp, ep=p.ep, dp=dp, zero_stage=p.zero_stage,
                 micro_batch=s.micro_batch_size, seq_len=s.seq_len, dtype=s.dtype,
                 activation_checkpointing=p.activation_checkpointing, sp=p.sp, expert_tp=p.expert_tp,
-                reduce_bucket_size=bucket)
+                fused_loss=fused_loss, reduce_bucket_size=bucket)
 
 
 def main(argv=None) -> int:
@@ -155,14 +156,16 @@ def main(argv=None) -> int:
                     "context and fragmentation")
     ap.add_argument("--mfu", type=float, default=0.4, help="assumed MFU for the time estimate")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="per-GPU peak (H100 bf16: 989)")
-    args = ap.parse_args(argv)
+    ap.add_argument("--loss", choices=["fused", "logits"], default="fused",
+                    help="LM head + loss: model.loss's fused chunks (tp 1) or whole logits")
+    args = ap.parse_intermixed_args(argv)
 
     from .config import ConfigError, load_config, model_config_of
 
     try:
         cfg = load_config(args.recipe, args.overrides)
         world = args.world_size or cfg.slurm.nodes * cfg.slurm.gpus_per_node
-        est = plan_recipe(cfg, args.stage, world)
+        est = plan_recipe(cfg, args.stage, world, fused_loss=args.loss == "fused")
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

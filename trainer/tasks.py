@@ -40,6 +40,10 @@ def router_loss(stats, model_cfg, layout) -> torch.Tensor:
     return loss
 
 
+def accumulation_steps(scfg, layout) -> int:
+    return scfg.global_batch_size // (scfg.micro_batch_size * layout.dp)
+
+
 def sum_over_dp(values: list[float], layout) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=D.device())
     if dist.is_initialized() and layout.dp > 1:
@@ -53,7 +57,8 @@ class PretrainTask:
     def __init__(self, scfg, model_cfg, layout):
         self.model_cfg, self.layout = model_cfg, layout
         self.stream = PackedStream(IndexedDataset(scfg.data), scfg.seq_len, scfg.micro_batch_size,
-                                   scfg.seed, dp_rank=layout.dp_rank, dp_size=layout.dp)
+                                   scfg.seed, dp_rank=layout.dp_rank, dp_size=layout.dp,
+                                   accumulation=accumulation_steps(scfg, layout))
 
     def next_batch(self):
         return to_device(self.stream.next_batch())
