@@ -100,6 +100,12 @@ class Mixtral(nn.Module):
 
         position_ids (B, T) restart at 0 at each packed document; None means 0..T-1 per row.
         """
+        h, stats = self.hidden(tokens, position_ids)
+        return self.output(h), stats
+
+    def hidden(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None):
+        """Everything before the LM head: tokens (B, T) -> final-normed hidden states (B, T, D) and
+        RouterStats. `output(hidden)` are the logits; model/loss.py fuses that matmul with the loss."""
         B, T = tokens.shape
         positions = position_ids if position_ids is not None else \
             torch.arange(T, device=tokens.device).expand(B, T)
@@ -112,7 +118,6 @@ class Mixtral(nn.Module):
             else:
                 h, c, p, z = layer(h, cos, sin, position_ids)
             counts.append(c), prob_sums.append(p), z_sums.append(z)
-        logits = self.output(self.norm(h))
         stats = RouterStats(torch.stack(counts), torch.stack(prob_sums), torch.stack(z_sums),
                             torch.tensor(float(B * T), device=tokens.device))
-        return logits, stats
+        return self.norm(h), stats

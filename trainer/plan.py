@@ -15,9 +15,9 @@ context and allocator fragmentation come on top: --headroom keeps a share of the
 - gradients: the model's (partitioned for ZeRO 2) and DeepSpeed's fp32 ones of what the rank steps,
   plus DeepSpeed's ZeRO 1/2 gradient bucket (reduce_bucket_size elements, from trainer.engine's
   DeepSpeed config: 500 M, i.e. 1.9 GB in fp32, unless it sets one), alive from backward to step.
-- activations: what autograd saves per token and layer (module docstrings count them in
-  ACTIVATION_TERMS), times the layers not recomputed, plus the LM head + loss peak (chunked with
-  model.loss.fused_linear_cross_entropy, or whole (N, V) fp32 logits and their softmax).
+- activations: what autograd saves per token and layer (counted term by term in
+  activation_bytes_per_token), times the layers not recomputed, plus the LM head + loss peak (chunked
+  with model.loss.fused_linear_cross_entropy, or whole (N, V) fp32 logits and their softmax).
 peak = weights + optimizer + max(activations + head, gradients + bucket + one Adam temporary):
 the forward/loss peak or the backward/step peak, whichever is larger.
 Checked against measured peaks (tests/test_plan.py): within 20 %.

@@ -42,17 +42,19 @@ def run_recipe(cfg: DictConfig, only: str = None, force: bool = False) -> None:
 
 
 def run_tokenize(cfg: DictConfig) -> bool:
+    from data.indexed import IndexedDataset, tokenize_files, unigram_entropy
     from data.readers import check_inputs
     from data.tokenizer import load_tokenizer
-    from data.indexed import tokenize_files
 
     check_inputs(list(cfg.tokenize.inputs), cfg.tokenize.text_field)
     if D.is_main():
         Path(cfg.tokenize.output).parent.mkdir(parents=True, exist_ok=True)
         stats = tokenize_files(list(cfg.tokenize.inputs), cfg.tokenize.output,
                                load_tokenizer(cfg.tokenizer), cfg.tokenize.text_field)
-        print(f"[tokenize] {stats['documents']} documents, {stats['tokens']} tokens "
-              f"-> {cfg.tokenize.output}.bin/.idx", flush=True)
+        entropy = unigram_entropy(IndexedDataset(cfg.tokenize.output))
+        print(f"[tokenize] {stats['documents']} documents, {stats['tokens']} tokens -> "
+              f"{cfg.tokenize.output}.bin/.idx; unigram entropy {entropy:.3f} nats/token "
+              "(a model that learns anything beyond token frequencies goes below it)", flush=True)
     return True
 
 
