@@ -37,22 +37,61 @@ from .indexed import IndexedDataset
 from .readers import DataError
 
 
+class StepSchedule:
+    """Which global rows each micro-batch takes (the grouping of the module docstring), and how many rows
+    whole steps have consumed: the part of the stream that SFT and DPO batches share with pretraining."""
+
+    def __init__(self, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, accumulation: int = 1):
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size ({micro_batch_size}) must be >= 1")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank ({dp_rank}) must be in [0, dp_size={dp_size})")
+        self.micro_batch_size, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
+        self.accumulation = accumulation
+        self.rows_consumed = 0  # global rows handed out to all ranks together, in whole steps
+        self.micro = 0  # micro-batch index within the current step
+
+    def next_rows(self) -> list[int]:
+        """The global row numbers of this rank's next micro-batch."""
+        groups = self.dp_size * self.accumulation
+        first = self.rows_consumed + self.micro * self.dp_size + self.dp_rank
+        self.micro += 1
+        if self.micro == self.accumulation:
+            self.micro, self.rows_consumed = 0, self.rows_consumed + self.micro_batch_size * groups
+        return [first + i * groups for i in range(self.micro_batch_size)]
+
+    def between_steps(self) -> int:
+        if self.micro:
+            raise RuntimeError("the stream's state is taken between optimizer steps, not mid-step")
+        return self.rows_consumed
+
+
+class EpochShuffle:
+    """Global row g -> item index, for a fixed list of n items (packed SFT rows, DPO pairs): epoch
+    e = g // n visits the items in the order default_rng([seed, e]).permutation(n)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self._order = n, seed, (None, None)
+
+    def __call__(self, g: int) -> int:
+        epoch, k = divmod(g, self.n)
+        if self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n))
+        return int(self._order[1][k])
+
+
 class PackedStream:
     def __init__(self, dataset: IndexedDataset, seq_len: int, micro_batch_size: int, seed: int,
                  dp_rank: int = 0, dp_size: int = 1, accumulation: int = 1):
-        if seq_len < 1 or micro_batch_size < 1:
-            raise ValueError(f"seq_len ({seq_len}) and micro_batch_size ({micro_batch_size}) must be >= 1")
-        if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank ({dp_rank}) must be in [0, dp_size={dp_size})")
+        if seq_len < 1:
+            raise ValueError(f"seq_len ({seq_len}) must be >= 1")
+        self.schedule = StepSchedule(micro_batch_size, dp_rank, dp_size, accumulation)
         if dataset.num_tokens < seq_len + 1:
             raise DataError(f"{dataset.prefix}: {dataset.num_tokens} tokens, fewer than one row of "
                             f"seq_len + 1 = {seq_len + 1}")
-        self.dataset, self.seq_len, self.micro_batch_size = dataset, seq_len, micro_batch_size
-        self.seed, self.dp_rank, self.dp_size, self.accumulation = seed, dp_rank, dp_size, accumulation
+        self.dataset, self.seq_len, self.seed = dataset, seq_len, seed
         self.rows_per_epoch = (dataset.num_tokens - 1) // seq_len
         self.lengths = dataset.lengths
-        self.rows_consumed = 0  # global rows handed out to all ranks together, in whole steps
-        self.micro = 0  # micro-batch index within the current step
         self._plan = None
 
     def epoch_plan(self, epoch: int):
@@ -83,21 +122,15 @@ class PackedStream:
         return np.concatenate(pieces).astype(np.int64), positions
 
     def next_batch(self) -> dict:
-        groups = self.dp_size * self.accumulation
-        first = self.rows_consumed + self.micro * self.dp_size + self.dp_rank
-        rows = [self.row(first + i * groups) for i in range(self.micro_batch_size)]
-        self.micro += 1
-        if self.micro == self.accumulation:
-            self.micro, self.rows_consumed = 0, self.rows_consumed + self.micro_batch_size * groups
+        rows = [self.row(g) for g in self.schedule.next_rows()]
         tokens = torch.from_numpy(np.stack([r[0] for r in rows]))
         positions = torch.from_numpy(np.stack([r[1][:-1] for r in rows]))
         return dict(tokens=tokens[:, :-1].contiguous(), labels=tokens[:, 1:].contiguous(), position_ids=positions)
 
     def state_dict(self) -> dict:
-        if self.micro:
-            raise RuntimeError("the stream's state is taken between optimizer steps, not mid-step")
-        epoch, row = divmod(self.rows_consumed, self.rows_per_epoch)
-        return dict(rows_consumed=self.rows_consumed, epoch=epoch, row_in_epoch=row, seed=self.seed,
+        consumed = self.schedule.between_steps()
+        epoch, row = divmod(consumed, self.rows_per_epoch)
+        return dict(rows_consumed=consumed, epoch=epoch, row_in_epoch=row, seed=self.seed,
                     seq_len=self.seq_len, documents=len(self.dataset), tokens=self.dataset.num_tokens)
 
     def load_state_dict(self, state: dict) -> None:
@@ -106,4 +139,4 @@ class PackedStream:
             if state.get(key) != mine[key]:
                 raise DataError(f"data stream state: {key} is {state.get(key)!r} in the checkpoint but "
                                 f"{mine[key]!r} now; the stream cannot resume exactly")
-        self.rows_consumed = int(state["rows_consumed"])
+        self.schedule.rows_consumed = int(state["rows_consumed"])

@@ -61,3 +61,18 @@ def vocab_parallel_log_probs(logits_shard: torch.Tensor, targets: torch.Tensor, 
     """Per-token log p(target) (...) fp32 from vocab-sharded logits (DPO's sequence log-likelihoods);
     0 where targets == ignore_index."""
     return -vocab_parallel_cross_entropy(logits_shard, targets, group, ignore_index)
+
+
+def vocab_parallel_top1(logits_shard: torch.Tensor, targets: torch.Tensor, group=None,
+                        ignore_index: int = -100) -> torch.Tensor:
+    """(...) bool, no grad: the target's logit is the largest of the whole vocabulary (token accuracy),
+    from two max all-reduces over the tp group; False where targets == ignore_index."""
+    with torch.no_grad():
+        logits, vocab_shard = logits_shard.float(), logits_shard.shape[-1]
+        best = all_reduce(logits.max(dim=-1).values, group, op=dist.ReduceOp.MAX)
+        local = targets - group_rank(group) * vocab_shard
+        inside = (local >= 0) & (local < vocab_shard)
+        target_logit = logits.gather(-1, local.clamp(0, vocab_shard - 1)[..., None]).squeeze(-1)
+        target_logit = all_reduce(target_logit.masked_fill(~inside, float("-inf")), group,
+                                  op=dist.ReduceOp.MAX)
+        return (target_logit >= best) & (targets != ignore_index)

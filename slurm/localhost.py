@@ -99,8 +99,8 @@ def _wait_until(check, timeout: float, what: str, poll: float = 0.2):
     raise Unavailable(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def _ok(*cmd, stdin=None) -> bool:
-    return subprocess.run(cmd, input=stdin, capture_output=True).returncode == 0
+def _munge_answers() -> bool:
+    return subprocess.run("munge -n | unmunge", shell=True, capture_output=True).returncode == 0
 
 
 class LocalSlurm:
@@ -138,9 +138,9 @@ class LocalSlurm:
         self.saved_env = os.environ.get("SLURM_CONF")
         os.environ["SLURM_CONF"] = str(self.conf)
         for daemon in ("slurmctld", "slurmd"):
-            log = open(self.folder / f"{daemon}.stderr", "w")
-            self.daemons.append(subprocess.Popen([daemon, "-D", "-f", str(self.conf)], stdout=log,
-                                                 stderr=subprocess.STDOUT))
+            with open(self.folder / f"{daemon}.stderr", "w") as log:
+                self.daemons.append(subprocess.Popen([daemon, "-D", "-f", str(self.conf)], stdout=log,
+                                                     stderr=subprocess.STDOUT))
         _wait_until(self._idle, 30, f"the node to be idle (logs in {self.folder})")
 
     def _idle(self) -> bool:
@@ -153,8 +153,7 @@ class LocalSlurm:
         return proc.stdout.strip() == "idle"
 
     def _start_munge(self) -> None:
-        if _ok("munge", "-n") and subprocess.run("munge -n | unmunge", shell=True,
-                                                  capture_output=True).returncode == 0:
+        if _munge_answers():
             return  # a munged is already serving
         key = Path("/etc/munge/munge.key")
         if not key.exists():
@@ -164,8 +163,7 @@ class LocalSlurm:
         subprocess.run(["install", "-d", "-o", "munge", "-g", "munge", "-m", "0755", "/run/munge"],
                        check=True)
         subprocess.run(["runuser", "-u", "munge", "--", "munged"], check=True)
-        _wait_until(lambda: subprocess.run("munge -n | unmunge", shell=True,
-                                           capture_output=True).returncode == 0, 10, "munged")
+        _wait_until(_munge_answers, 10, "munged")
         self.munged = int(Path("/run/munge/munged.pid").read_text())
 
     def _resolve_hostname(self) -> None:

@@ -56,7 +56,7 @@ class TrainConfig:
     keep_every: int = 0  # ... plus every K-th step (0: none)
     log_every: int = 10
     eval_every: int = 0  # steps between held-out evaluations (0: only at the end, if there is a split)
-    eval_batches: int = 4
+    eval_batches: int = 4  # micro-batches per rank per evaluation (0: the whole held-out split)
     stop_after: Optional[int] = None  # leave after this step as if interrupted (tests, time budgets)
 
 
@@ -117,8 +117,9 @@ class LoggingConfig:
 @dataclass
 class SlurmConfig:
     nodes: int = 1
-    gpus_per_node: int = 8  # also the tasks (ranks) per node
-    partition: Optional[str] = None
+    gpus_per_node: int = 8  # 0: a CPU job (gloo)
+    tasks_per_node: Optional[int] = None  # ranks per node; default gpus_per_node (required when it is 0)
+    partition: Optional[str] = None  # required when nodes > 1
     account: Optional[str] = None
     time: str = "04:00:00"
     cpus_per_task: int = 8
@@ -130,6 +131,7 @@ class SlurmConfig:
 @dataclass
 class RecipeConfig:
     run_dir: str = "runs/default"
+    base: Optional[str] = None  # an HF Mixtral folder the recipe starts from: stages refer to ${base}
     stages: list[str] = field(default_factory=lambda: ["pretrain"])  # run in this order
     tokenizer: str = "mistral-v1"  # the Mixtral tokenizer shipped in mistral-common, or an HF folder
     model: ModelConfig = field(default_factory=ModelConfig)

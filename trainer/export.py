@@ -1,9 +1,14 @@
 """Checkpoint (saved at any layout) -> Hugging Face MixtralForCausalLM folder, without launching a job.
 
     python -m trainer.export runs/quickstart/pretrain runs/quickstart/hf [--dtype bf16]
+
+The sample prompt (optional) is generated from with transformers after the export: as plain text for a
+pretrained checkpoint, as a user turn in the Mistral instruct format (mistral-common) for an SFT or DPO
+checkpoint.
 """
 
 import argparse
+import json
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -45,21 +50,32 @@ def export_checkpoint(checkpoint, out_dir, tokenizer=None, dtype="bf16", max_sha
     tok = load_tokenizer(tokenizer or cfg.tokenizer)
     out = export_hf(state, mcfg, out_dir, tokenizer=tok, max_shard_size=max_shard_size,
                     dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
-    print(f"[export] {resolve_checkpoint(checkpoint)} -> {out_dir}", flush=True)
+    ckpt = resolve_checkpoint(checkpoint)
+    print(f"[export] {ckpt} -> {out_dir}", flush=True)
     if sample_prompt:
-        print(f"[export] sample: {generate(out_dir, tok, sample_prompt)!r}", flush=True)
+        stage = json.loads((ckpt / "trainer_state.json").read_text()).get("stage")
+        chat = (tokenizer or cfg.tokenizer) if stage in ("sft", "dpo") else None
+        print(f"[export] sample{' (chat)' if chat else ''}: "
+              f"{generate(out_dir, tok, sample_prompt, chat_tokenizer=chat)!r}", flush=True)
     return Path(out_dir)
 
 
-def generate(hf_dir, tokenizer, prompt: str, max_new_tokens: int = 40) -> str:
-    """Greedy continuation of `prompt` by transformers' MixtralForCausalLM loaded from `hf_dir`."""
+def generate(hf_dir, tokenizer, prompt: str, max_new_tokens: int = 40, chat_tokenizer=None) -> str:
+    """Greedy continuation of `prompt` by transformers' MixtralForCausalLM loaded from `hf_dir`; with
+    chat_tokenizer (a data.chat.instruct_tokenizer spec) the prompt is a user turn formatted by
+    mistral-common, and generation stops at </s>."""
     import torch
     from transformers import MixtralForCausalLM
 
+    from data.chat import encode_messages, instruct_tokenizer
+
     model = MixtralForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
-    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.eos_token_id)
+    if chat_tokenizer is None:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+    else:
+        ids = torch.tensor([encode_messages([("user", prompt)], instruct_tokenizer(str(chat_tokenizer)))])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=tokenizer.eos_token_id)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 

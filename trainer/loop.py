@@ -83,8 +83,11 @@ def train(stage: str, scfg: DictConfig, cfg: DictConfig, engine, task, layout, m
         last.update(lr=engine.get_lr()[0], grad_norm=_grad_norm(engine),
                     step_time=time.perf_counter() - t0)
         logger.log(step, last, tokens=n_tokens.item() if task.counts_all_tokens else None)
-        if scfg.eval_every and step % scfg.eval_every == 0:
-            logger.log(step, task.evaluate(engine, layout), tokens=None)
+        if (scfg.eval_every and step % scfg.eval_every == 0) or step == scfg.steps:
+            evaluated = task.evaluate(engine, layout)  # held-out metrics, and always after the last step
+            if evaluated:
+                last.update(evaluated)
+                logger.log(step, evaluated, tokens=None)
         preempted = preemption.agreed()
         if preempted or step % scfg.save_every == 0 or step == stop_at:
             save(step)
@@ -92,11 +95,6 @@ def train(stage: str, scfg: DictConfig, cfg: DictConfig, engine, task, layout, m
             logger.close()
             D.barrier()
             sys.exit(EXIT_PREEMPTED)
-    if step == scfg.steps:
-        final = task.evaluate(engine, layout)
-        if final:
-            last.update(final)
-            logger.log(step, final, tokens=None)
     logger.close()
     return step, last
 

@@ -48,7 +48,7 @@ class RunLogger:
         if resumed_from is not None:
             print(f"[{stage}] resumed from step {resumed_from} "
                   f"(SLURM_RESTART_COUNT={os.environ.get('SLURM_RESTART_COUNT', 0)})", flush=True)
-        mode = cfg.logging.wandb
+        mode = os.environ.get("WANDB_MODE", cfg.logging.wandb)  # the environment wins (CI: disabled)
         if mode == "online" and not os.environ.get("WANDB_API_KEY"):
             mode = "offline"
         if mode != "disabled":

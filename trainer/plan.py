@@ -139,7 +139,7 @@ def plan_recipe(cfg, stage: str, world_size: int, fused_loss: bool = True) -> di
     dp = world_size // p.tp
     ds = deepspeed_config(s, SimpleNamespace(dp=dp), p.zero_stage)
     bucket = int(ds["zero_optimization"].get("reduce_bucket_size", DEEPSPEED_BUCKET_DEFAULT))
-    return plan(model_config_of(cfg), tp=p.tp, ep=p.ep, dp=dp, zero_stage=p.zero_stage,
+    return plan(model_config_of(cfg), tp=p.tp, ep=p.ep, dp=dp, zero_stage=ds["zero_optimization"]["stage"],
                 micro_batch=s.micro_batch_size, seq_len=s.seq_len, dtype=s.dtype,
                 activation_checkpointing=p.activation_checkpointing, sp=p.sp, expert_tp=p.expert_tp,
                 fused_loss=fused_loss, reduce_bucket_size=bucket)
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
 
     try:
         cfg = load_config(args.recipe, args.overrides)
-        world = args.world_size or cfg.slurm.nodes * cfg.slurm.gpus_per_node
+        world = args.world_size or cfg.slurm.nodes * (cfg.slurm.tasks_per_node or cfg.slurm.gpus_per_node)
         est = plan_recipe(cfg, args.stage, world, fused_loss=args.loss == "fused")
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -74,7 +74,7 @@ def run_training(stage: str, cfg: DictConfig) -> bool:
     resuming = latest_checkpoint(out / "checkpoints") is not None
     model = build_model(mcfg, None if resuming else scfg.init, scfg.seed)
     engine = build_engine(model, scfg, cfg.parallel, layout)
-    task = make_task(stage, scfg, cfg, mcfg, layout, engine)
+    task = make_task(stage, scfg, cfg, mcfg, layout)
     if D.is_main():
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -82,7 +82,7 @@ def run_training(stage: str, cfg: DictConfig) -> bool:
     return step == scfg.steps
 
 
-def make_task(stage, scfg, cfg, mcfg, layout, engine):
+def make_task(stage, scfg, cfg, mcfg, layout):
     from .tasks import PretrainTask
 
     if stage == "pretrain":
@@ -91,7 +91,7 @@ def make_task(stage, scfg, cfg, mcfg, layout, engine):
         from .sft import SFTTask
         return SFTTask(scfg, cfg, mcfg, layout)
     from .dpo import DPOTask
-    return DPOTask(scfg, cfg, mcfg, layout, engine)
+    return DPOTask(scfg, cfg, mcfg, layout)
 
 
 def run_export(cfg: DictConfig) -> bool:

@@ -9,12 +9,15 @@ SFT and DPO in sft.py and dpo.py. A task implements:
     state_dict() / load_state_dict()      data position, for exact resume
 """
 
+import math
+
 import torch
 import torch.distributed as dist
 
 from data.indexed import IndexedDataset
 from data.stream import PackedStream
 from model import load_balancing_loss, router_z_loss
+from model.loss import fused_linear_cross_entropy
 from parallel.cross_entropy import vocab_parallel_cross_entropy
 from parallel.parallelize import reduce_router_stats
 
@@ -25,9 +28,17 @@ def to_device(batch: dict) -> dict:
     return {k: v.to(D.device(), non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def token_losses(logits, labels, layout) -> torch.Tensor:
-    """Per-token cross entropy (B, T) from logits that may be vocab-sharded over tp; 0 where -100."""
-    return vocab_parallel_cross_entropy(logits.float(), labels, layout.tp_group)
+def lm_loss_sum(engine, batch, layout):
+    """(summed next-token loss over the labels != -100, router stats) of one micro-batch. Without tp the
+    LM head is fused with the loss (model.loss: the (N, V) logits never exist whole, 1.4x the tokens/s
+    on the CPU, bench/RESULTS.md); with tp the logits stay vocab-sharded for the parallel loss."""
+    if layout.tp > 1:
+        logits, stats = engine(batch["tokens"], batch["position_ids"])
+        return vocab_parallel_cross_entropy(logits, batch["labels"], layout.tp_group).sum(), stats
+    model = engine.module
+    hidden, stats = model.hidden(batch["tokens"], batch["position_ids"])
+    loss = fused_linear_cross_entropy(hidden.flatten(0, 1), model.output.weight, batch["labels"].flatten())
+    return loss, stats
 
 
 def router_loss(stats, model_cfg, layout) -> torch.Tensor:
@@ -42,6 +53,20 @@ def router_loss(stats, model_cfg, layout) -> torch.Tensor:
 
 def accumulation_steps(scfg, layout) -> int:
     return scfg.global_batch_size // (scfg.micro_batch_size * layout.dp)
+
+
+def eval_batches(num_items: int, micro_batch_size: int, layout, limit: int = 0) -> list[list]:
+    """This data-parallel rank's share of `num_items` held-out items, as micro-batches of item indices.
+    Items are dealt round-robin over the dp ranks; the last micro-batches are padded with None so that
+    every rank runs the same number of forward passes (the model's collectives, such as the expert-
+    parallel all-to-all, need every rank). limit > 0 caps the micro-batches per rank."""
+    per_round = micro_batch_size * layout.dp
+    rounds = math.ceil(num_items / per_round)
+    if limit:
+        rounds = min(rounds, limit)
+    return [[i if i < num_items else None
+             for i in range(r * per_round + layout.dp_rank, (r + 1) * per_round, layout.dp)]
+            for r in range(rounds)]
 
 
 def sum_over_dp(values: list[float], layout) -> list[float]:
@@ -67,8 +92,7 @@ class PretrainTask:
         return int((batch["labels"] != -100).sum())
 
     def loss(self, engine, batch, scale):
-        logits, stats = engine(batch["tokens"], batch["position_ids"])
-        ce_sum = token_losses(logits, batch["labels"], self.layout).sum()
+        ce_sum, stats = lm_loss_sum(engine, batch, self.layout)
         aux = router_loss(stats, self.model_cfg, self.layout)
         return ce_sum * scale + aux, {"loss_sum": ce_sum.item(), "tokens": self.num_loss_tokens(batch),
                                       "aux_sum": aux.item(), "micro": 1}
