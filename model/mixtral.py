@@ -111,13 +111,14 @@ class Mixtral(nn.Module):
             torch.arange(T, device=tokens.device).expand(B, T)
         h = self.tok_embeddings(tokens)
         cos, sin = rotary_cos_sin(positions, self.cfg.head_size, self.cfg.rope_theta, h.dtype)
-        counts, prob_sums, z_sums = [], [], []
+        per_layer = []  # (counts, prob_sum, z_sum, entropy_sum) of each layer
         for i, layer in enumerate(self.layers):
             if i in self.checkpointed and torch.is_grad_enabled():
-                h, c, p, z = checkpoint(layer, h, cos, sin, position_ids, use_reentrant=False)
+                h, *stats = checkpoint(layer, h, cos, sin, position_ids, use_reentrant=False)
             else:
-                h, c, p, z = layer(h, cos, sin, position_ids)
-            counts.append(c), prob_sums.append(p), z_sums.append(z)
-        stats = RouterStats(torch.stack(counts), torch.stack(prob_sums), torch.stack(z_sums),
-                            torch.tensor(float(B * T), device=tokens.device))
+                h, *stats = layer(h, cos, sin, position_ids)
+            per_layer.append(stats)
+        counts, prob_sums, z_sums, entropy_sums = (torch.stack(s) for s in zip(*per_layer))
+        stats = RouterStats(counts, prob_sums, z_sums, torch.tensor(float(B * T), device=tokens.device),
+                            entropy_sums)
         return self.norm(h), stats

@@ -80,15 +80,19 @@ class RouterStats:
     prob_sum: torch.Tensor  # (L, E) sum over tokens of the router probabilities
     z_sum: torch.Tensor  # (L,) sum over tokens of logsumexp(logits)^2
     num_tokens: torch.Tensor  # () tokens per layer
+    entropy_sum: torch.Tensor = None  # (L,) sum over tokens of the router's entropy (nats), no grad
 
 
 def layer_router_stats(logits: torch.Tensor, indices: torch.Tensor):
-    """One layer's (counts (E,), prob_sum (E,), z_sum ()) for router logits (N, E), indices (N, k)."""
+    """One layer's (counts (E,), prob_sum (E,), z_sum (), entropy_sum ()) for router logits (N, E),
+    indices (N, k)."""
     E = logits.shape[-1]
     counts = torch.bincount(indices.flatten(), minlength=E).to(torch.float32)
-    prob_sum = torch.softmax(logits, dim=-1).sum(0)
+    probs = torch.softmax(logits, dim=-1)
     z_sum = torch.logsumexp(logits, dim=-1).square().sum()
-    return counts, prob_sum, z_sum
+    with torch.no_grad():
+        entropy_sum = -(probs * torch.log_softmax(logits, dim=-1)).sum()
+    return counts, probs.sum(0), z_sum, entropy_sum
 
 
 def load_balancing_loss(stats: RouterStats) -> torch.Tensor:

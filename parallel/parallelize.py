@@ -123,11 +123,11 @@ def parallelize(model: nn.Module, layout, parallel_cfg) -> nn.Module:
 
 def reduce_router_stats(stats: RouterStats, layout) -> RouterStats:
     """The router statistics of the tokens of the whole tp group. Under sp each tp rank routes its own
-    T/tp tokens: counts, prob_sum and z_sum are summed over tp (reduce_from_tp: fwd all-reduce, bwd
+    T/tp tokens: counts, prob_sum, z_sum and entropy_sum are summed over tp (reduce_from_tp: fwd all-reduce, bwd
     identity, so each rank's gradient reaches its own tokens). num_tokens is already the full count
     (the model sees every token id). Without sp the stats are already whole: returned as they are."""
     if not layout.sp:
         return stats
     g = layout.tp_group
     return RouterStats(all_reduce(stats.counts, g), reduce_from_tp(stats.prob_sum, g),
-                       reduce_from_tp(stats.z_sum, g), stats.num_tokens)
+                       reduce_from_tp(stats.z_sum, g), stats.num_tokens, all_reduce(stats.entropy_sum, g))

@@ -33,7 +33,7 @@ from parallel.parallelize import parallelize
 
 from . import distributed as D
 from .dpo_loss import dpo_loss, sequence_log_probs
-from .tasks import accumulation_steps, eval_batches, router_loss, sum_over_dp, to_device
+from .tasks import accumulation_steps, eval_batches, router_log, router_loss, sum_over_dp, to_device
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin")
 
@@ -159,16 +159,14 @@ class DPOTask:
     def loss(self, engine, batch, scale):
         policy, stats = sequence_logps(engine, batch, self.layout)
         losses, chosen, rejected = self._pair_losses(policy, batch)
-        aux = router_loss(stats, self.model_cfg, self.layout)
+        aux, router_sums = router_loss(stats, self.model_cfg, self.layout)
         sums = self._sums(losses, chosen, rejected, torch.ones_like(losses))
-        return losses.sum() * scale + aux, dict(zip(METRICS + ("pairs",), sums), aux_sum=aux.item(), micro=1)
+        return losses.sum() * scale + aux, dict(zip(METRICS + ("pairs",), sums), **router_sums)
 
     def reduce_metrics(self, sums, layout) -> dict:
-        keys = METRICS + ("pairs", "aux_sum", "micro")
+        keys = METRICS + ("pairs",)
         totals = dict(zip(keys, sum_over_dp([sums[k] for k in keys], layout)))
-        out = {k: totals[k] / totals["pairs"] for k in METRICS}
-        out["aux_loss"] = totals["aux_sum"] / totals["micro"]
-        return out
+        return {**{k: totals[k] / totals["pairs"] for k in METRICS}, **router_log(sums, layout)}
 
     def evaluate(self, engine, layout) -> dict:
         totals = [0.0] * (len(METRICS) + 1)

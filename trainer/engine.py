@@ -112,4 +112,17 @@ def build_engine(model: Mixtral, scfg: DictConfig, pcfg: DictConfig, layout: Lay
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=layout.mpu,
         config=deepspeed_config(scfg, layout, pcfg.zero_stage))
+    if engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
+        keep_fp32_grad_norm(engine)
     return engine
+
+
+def keep_fp32_grad_norm(engine):
+    """DeepSpeed's fp32 ZeRO-0 path clips with runtime.utils.clip_grad_norm_ (tensor-parallel aware
+    through the mpu) but drops the norm it computes; this keeps it for get_global_grad_norm()."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_fp32_gradients():
+        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+    engine.clip_fp32_gradients = clip_fp32_gradients

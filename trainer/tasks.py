@@ -41,14 +41,32 @@ def lm_loss_sum(engine, batch, layout):
     return loss, stats
 
 
-def router_loss(stats, model_cfg, layout) -> torch.Tensor:
+def router_loss(stats, model_cfg, layout):
     """Mixtral's load-balancing loss (+ z-loss) with their coefficients, over the tokens of the step's
-    micro-batch on this data-parallel rank (sequence shards summed first)."""
+    micro-batch on this data-parallel rank (sequence shards summed first), and the router sums that
+    the logs report (router_log)."""
     stats = reduce_router_stats(stats, layout)
     loss = model_cfg.router_aux_loss_coef * load_balancing_loss(stats)
     if model_cfg.router_z_loss_coef:
         loss = loss + model_cfg.router_z_loss_coef * router_z_loss(stats)
-    return loss
+    sums = {"aux_sum": loss.item(), "micro": 1, "expert_counts": stats.counts.detach(),
+            "entropy_sum": stats.entropy_sum, "routed_tokens": float(stats.num_tokens)}
+    return loss, sums
+
+
+def router_log(sums: dict, layout) -> dict:
+    """A step's router metrics over all data-parallel ranks: aux_loss (mean over micro-batches),
+    expert_load[layer][expert] (share of the top-k assignments), expert_imbalance (max over layers of
+    max/mean load: 1 is perfectly balanced) and router_entropy[layer] (mean nats per token)."""
+    counts, entropy = sums["expert_counts"].double().clone(), sums["entropy_sum"].double().clone()
+    if dist.is_initialized() and layout.dp > 1:
+        dist.all_reduce(counts, group=layout.dp_group)
+        dist.all_reduce(entropy, group=layout.dp_group)
+    aux_sum, micro, routed = sum_over_dp([sums["aux_sum"], sums["micro"], sums["routed_tokens"]], layout)
+    load = counts / counts.sum(-1, keepdim=True)
+    return {"aux_loss": aux_sum / micro, "expert_load": load.tolist(),
+            "expert_imbalance": float((load.max(-1).values / load.mean(-1)).max()),
+            "router_entropy": (entropy / routed).tolist()}
 
 
 def accumulation_steps(scfg, layout) -> int:
@@ -93,14 +111,13 @@ class PretrainTask:
 
     def loss(self, engine, batch, scale):
         ce_sum, stats = lm_loss_sum(engine, batch, self.layout)
-        aux = router_loss(stats, self.model_cfg, self.layout)
+        aux, router_sums = router_loss(stats, self.model_cfg, self.layout)
         return ce_sum * scale + aux, {"loss_sum": ce_sum.item(), "tokens": self.num_loss_tokens(batch),
-                                      "aux_sum": aux.item(), "micro": 1}
+                                      **router_sums}
 
     def reduce_metrics(self, sums, layout) -> dict:
-        loss_sum, tokens, aux_sum, micro = sum_over_dp(
-            [sums["loss_sum"], sums["tokens"], sums["aux_sum"], sums["micro"]], layout)
-        return {"loss": loss_sum / tokens, "aux_loss": aux_sum / micro}
+        loss_sum, tokens = sum_over_dp([sums["loss_sum"], sums["tokens"]], layout)
+        return {"loss": loss_sum / tokens, **router_log(sums, layout)}
 
     def evaluate(self, engine, layout) -> dict:
         return {}
