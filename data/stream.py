@@ -65,6 +65,17 @@ class StepSchedule:
             raise RuntimeError("the stream's state is taken between optimizer steps, not mid-step")
         return self.rows_consumed
 
+    def state_dict(self, **identity) -> dict:
+        """The position, with what must not change for an exact resume (item count, seed...)."""
+        return dict(rows_consumed=self.between_steps(), **identity)
+
+    def load_state_dict(self, state: dict, what: str, **identity) -> None:
+        for key, value in identity.items():
+            if state.get(key) != value:
+                raise DataError(f"{what}: {key} is {state.get(key)!r} in the checkpoint but {value!r} now; "
+                                "the data cannot resume exactly")
+        self.rows_consumed = int(state["rows_consumed"])
+
 
 class EpochShuffle:
     """Global row g -> item index, for a fixed list of n items (packed SFT rows, DPO pairs): epoch

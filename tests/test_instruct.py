@@ -138,3 +138,14 @@ def test_instruct_chain_exports_a_model_that_answers_a_chat_prompt(tmp_path):
     assert rerun.stdout.count("already done") == 5
     alone = run_cli(*instruct_args(tmp_path, stages, **overrides), "--stage", "export", "--force")
     assert "[export]" in alone.stdout and "[sft]" not in alone.stdout
+
+
+def test_dpo_resume_reproduces_the_uninterrupted_run(tmp_path):
+    """Stopped after step 2 and restarted: the same curve (data position restored, the reference
+    log-probs read back from <output>/reference_logps.safetensors, not recomputed from the policy)."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run_cli(*instruct_args(full, ["dpo"], **{"dpo.steps": 4}))
+    run_cli(*instruct_args(cut, ["dpo"], **{"dpo.steps": 4, "dpo.stop_after": 2}))
+    run_cli(*instruct_args(cut, ["dpo"], **{"dpo.steps": 4}))
+    a, b = curve(full, "dpo"), curve(cut, "dpo")
+    assert len(a) == len(b) == 4 and max(abs(x - y) for x, y in zip(a, b)) < 1e-6, (a, b)

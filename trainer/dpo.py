@@ -184,12 +184,8 @@ class DPOTask:
         return {f"eval/{k}": v / totals[-1] for k, v in zip(METRICS, totals)}
 
     def state_dict(self):
-        return dict(rows_consumed=self.schedule.between_steps(), pairs=len(self.pairs), seed=self.scfg.seed)
+        return self.schedule.state_dict(pairs=len(self.pairs), seed=self.scfg.seed)
 
     def load_state_dict(self, state):
-        mine = self.state_dict()
-        for key in ("pairs", "seed"):
-            if state.get(key) != mine[key]:
-                raise DataError(f"dpo data state: {key} is {state.get(key)!r} in the checkpoint but "
-                                f"{mine[key]!r} now ({self.scfg.data} changed?)")
-        self.schedule.rows_consumed = int(state["rows_consumed"])
+        self.schedule.load_state_dict(state, f"dpo data {self.scfg.data}", pairs=len(self.pairs),
+                                      seed=self.scfg.seed)

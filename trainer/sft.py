@@ -81,13 +81,8 @@ class SFTTask(PretrainTask):
         return {"eval/loss": loss_sum / tokens, "eval/token_accuracy": correct / tokens}
 
     def state_dict(self):
-        return dict(rows_consumed=self.schedule.between_steps(), rows=len(self.rows.tokens),
-                    seed=self.scfg.seed)
+        return self.schedule.state_dict(rows=len(self.rows.tokens), seed=self.scfg.seed)
 
     def load_state_dict(self, state):
-        mine = self.state_dict()
-        for key in ("rows", "seed"):
-            if state.get(key) != mine[key]:
-                raise DataError(f"sft data state: {key} is {state.get(key)!r} in the checkpoint but "
-                                f"{mine[key]!r} now ({self.scfg.data} or sft.seq_len changed?)")
-        self.schedule.rows_consumed = int(state["rows_consumed"])
+        self.schedule.load_state_dict(state, f"sft data {self.scfg.data} (sft.seq_len {self.scfg.seq_len})",
+                                      rows=len(self.rows.tokens), seed=self.scfg.seed)
