@@ -16,7 +16,10 @@ def run_cli(*args, nproc: int = 1, check: bool = True, timeout: int = 600, env=N
     launcher = [sys.executable, "-m", "trainer"] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
         "-m", "trainer"]
-    full_env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1", **(env or {}))
+    # an in-process test may have set up torch.distributed here: its rank variables must not leak
+    inherited = {k: v for k, v in os.environ.items()
+                 if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    full_env = dict(inherited, WANDB_MODE="disabled", OMP_NUM_THREADS="1", **(env or {}))
     proc = subprocess.run(launcher + [str(a) for a in args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
     if check and proc.returncode != 0:

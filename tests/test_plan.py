@@ -12,11 +12,11 @@ from distributed import run_ranks
 from model import model_config
 from trainer.plan import local_params, main, plan
 
-# one rank each: the engine runs ZeRO stage 0 in a world of one (trainer.engine.deepspeed_config)
-CONFIGS = [  # three small layouts: loss path, dtype, checkpointing, packed documents
+# one rank each: in a world of one the engine runs fp32 at ZeRO stage 0 (trainer.engine.deepspeed_config)
+CONFIGS = [  # three small layouts: loss path, checkpointing, packed documents
     dict(preset="tiny", micro_batch=8, seq_len=256, zero_stage=0, dtype="fp32",
          activation_checkpointing="none", fused_loss=False, documents=4),
-    dict(preset="tiny", micro_batch=4, seq_len=256, zero_stage=0, dtype="bf16",
+    dict(preset="tiny", micro_batch=4, seq_len=256, zero_stage=0, dtype="fp32",
          activation_checkpointing="selective", fused_loss=True, documents=0),
     dict(preset="debug", micro_batch=4, seq_len=128, zero_stage=0, dtype="fp32",
          activation_checkpointing="full", fused_loss=True, documents=0),

@@ -28,6 +28,8 @@ def losses(run_dir):
     (["pretrain.lr=fast"], "pretrain.lr"),
     (["stages=[pretrain,finetune]"], "unknown stage 'finetune'"),
     (["model.num_heads=3"], "num_heads (3) is not divisible by num_kv_heads (2)"),
+    (["parallel.ep=2", "parallel.zero_stage=0"], "parallel.ep=2 needs parallel.zero_stage 1 or 2"),
+    (["pretrain.dtype=bf16", "parallel.zero_stage=0"], "pretrain.dtype=bf16 needs parallel.zero_stage 1 or 2"),
 ])
 def test_bad_config_is_named_before_work(overrides, message):
     proc = run_cli(RECIPE, *overrides, check=False)

@@ -279,6 +279,20 @@ class CheckpointReader:
         return json.loads((self.path / "trainer_state.json").read_text())
 
 
+def scheduler_state_for(scheduler: dict, groups: int) -> dict:
+    """An LR scheduler's state resized to `groups` optimizer param groups. Their number depends on the
+    layout (expert parallelism adds DeepSpeed's expert groups) while all of them follow one schedule:
+    each per-group list, its entries all equal, becomes `groups` copies of its entry."""
+    out = dict(scheduler)
+    for key, value in scheduler.items():
+        if isinstance(value, list) and len(value) != groups:
+            if any(v != value[0] for v in value):
+                raise CheckpointError(f"scheduler state '{key}' differs between param groups ({value}): "
+                                      f"cannot map it to {groups} groups")
+            out[key] = value[:1] * groups
+    return out
+
+
 def load_checkpoint(path, engine, load_optimizer: bool = True) -> dict:
     """Fill the model (and optimizer) of `engine` from a checkpoint saved at any layout.
 
@@ -287,6 +301,8 @@ def load_checkpoint(path, engine, load_optimizer: bool = True) -> dict:
     """
     reader = CheckpointReader(path)
     state = reader.trainer_state()
+    if "scheduler" in state:
+        state["scheduler"] = scheduler_state_for(state["scheduler"], len(_base_optimizer(engine).param_groups))
     params = dict(engine.module.named_parameters())
     expected = set(params)
     stored = set(reader.names("model"))

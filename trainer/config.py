@@ -214,9 +214,18 @@ def validate(cfg: DictConfig) -> None:
     if p.activation_checkpointing not in ("none", "full", "selective"):
         raise ConfigError("parallel.activation_checkpointing must be none, full or selective, "
                           f"got {p.activation_checkpointing!r}")
+    if p.ep > 1 and p.zero_stage == 0:
+        raise ConfigError(f"parallel.ep={p.ep} needs parallel.zero_stage 1 or 2: DeepSpeed's stage-0 gradient "
+                          "clipping averages the ranks' norms, which differ under expert parallelism")
+    if p.moe_impl == "deepspeed" and p.tp > 1:
+        raise ConfigError(f"parallel.moe_impl=deepspeed with parallel.tp={p.tp}: DeepSpeed's classic MoE splits "
+                          "expert capacity over tp and never sums the partial expert gradients; use dropless")
     for stage in ("pretrain", "sft", "dpo"):
         if stage in cfg.stages and cfg[stage].dtype not in ("fp32", "bf16"):
             raise ConfigError(f"{stage}.dtype must be fp32 or bf16, got {cfg[stage].dtype!r}")
+        if stage in cfg.stages and cfg[stage].dtype == "bf16" and p.zero_stage == 0:
+            raise ConfigError(f"{stage}.dtype=bf16 needs parallel.zero_stage 1 or 2 (DeepSpeed's stage-0 bf16 "
+                              "optimizer keeps its fp32 state where checkpoints cannot read it)")
 
 
 def _missing_keys(node: DictConfig, prefix: str):

@@ -65,7 +65,8 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     """Weight decay on matrices, none on norms (1-D parameters)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
-    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    return [dict(name="decay", params=decay, weight_decay=weight_decay),  # names: DeepSpeed's MoE
+            dict(name="no_decay", params=no_decay, weight_decay=0.0)]      # group split needs them
 
 
 def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -78,8 +79,9 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 def deepspeed_config(scfg: DictConfig, layout: Layout, zero_stage: int) -> dict:
     """ZeRO partitions over data parallelism: with one data-parallel rank it only adds flat-buffer
-    copies (about 100 ms a step on the tiny preset, bench/RESULTS.md), so stage 0 is used there."""
-    zero_stage = zero_stage if layout.dp > 1 else 0
+    copies (about 100 ms a step on the tiny preset, bench/RESULTS.md), so fp32 uses stage 0 there
+    (bf16 keeps ZeRO: its fp32 master weights and Adam state live in ZeRO's optimizer)."""
+    zero_stage = 0 if layout.dp == 1 and scfg.dtype == "fp32" else zero_stage
     return {
         "train_batch_size": scfg.global_batch_size,
         "train_micro_batch_size_per_gpu": scfg.micro_batch_size,
