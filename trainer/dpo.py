@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from data.chat import instruct_tokenizer
+from data.chat import IGNORE_INDEX, instruct_tokenizer
 from data.preference import collate_pairs, load_pairs, truncate_pairs
 from data.readers import DataError
 from data.stream import EpochShuffle, StepSchedule
@@ -46,7 +46,7 @@ def pad_to_multiple(batch: dict, multiple: int) -> dict:
     rows, width = batch["tokens"].shape
     pad = lambda x, value: torch.cat([x, x.new_full((rows, extra), value)], dim=1)  # noqa: E731
     positions = torch.cat([batch["position_ids"], torch.arange(extra).expand(rows, extra)], dim=1)
-    return dict(batch, tokens=pad(batch["tokens"], 0), labels=pad(batch["labels"], -100),
+    return dict(batch, tokens=pad(batch["tokens"], 0), labels=pad(batch["labels"], IGNORE_INDEX),
                 position_ids=positions)
 
 
@@ -55,7 +55,7 @@ def sequence_logps(model, batch, layout):
     logits, stats = model(batch["tokens"], batch["position_ids"])
     labels = batch["labels"]
     token_logps = vocab_parallel_log_probs(logits, labels, layout.tp_group)
-    return sequence_log_probs(token_logps, labels != -100), stats
+    return sequence_log_probs(token_logps, labels != IGNORE_INDEX), stats
 
 
 def build_reference(scfg, cfg, model_cfg, layout):
@@ -145,7 +145,7 @@ class DPOTask:
         return len(batch["pair_index"])  # the loss is a mean over pairs
 
     def _pair_losses(self, policy, batch):
-        answer_tokens = (batch["labels"] != -100).sum(1)
+        answer_tokens = (batch["labels"] != IGNORE_INDEX).sum(1)
         (ref_chosen, ref_rejected), (n_chosen, n_rejected) = self._reference(batch), answer_tokens.chunk(2)
         s = self.scfg
         return dpo_loss(*policy.chunk(2), ref_chosen, ref_rejected, s.beta, s.loss, s.label_smoothing,

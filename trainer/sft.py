@@ -12,15 +12,13 @@ arg-max of the vocabulary-parallel logits) every eval_every steps and at the end
 import numpy as np
 import torch
 
-from data.chat import instruct_tokenizer, load_conversations, pack_conversations, split_train_valid
+from data.chat import IGNORE_INDEX, instruct_tokenizer, load_conversations, pack_conversations, split_train_valid
 from data.readers import DataError
 from data.stream import EpochShuffle, StepSchedule
 from parallel.cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_top1
 
 from . import distributed as D
 from .tasks import PretrainTask, accumulation_steps, eval_batches, sum_over_dp, to_device
-
-IGNORE_INDEX = -100
 
 
 def rows_of(packed, indices) -> dict:
