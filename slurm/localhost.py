@@ -224,7 +224,13 @@ class LocalSlurm:
             if info["JobState"] == "PENDING" and info.get("Reason") == "BeginTime":
                 subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
                                capture_output=True)
-            return info if info["JobState"] in FINISHED else None
+            if info["JobState"] not in FINISHED:
+                return None
+            # a job that requeues itself can show a finished state for a moment before it is PENDING
+            # again: final only if it still is a few seconds later
+            time.sleep(5)
+            again = self.job(job_id)
+            return again if again["JobState"] in FINISHED else None
         try:
             return _wait_until(finished, timeout, f"job {job_id}", poll=0.5)
         except Unavailable as e:
