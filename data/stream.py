@@ -138,16 +138,14 @@ class PackedStream:
         positions = torch.from_numpy(np.stack([r[1][:-1] for r in rows]))
         return dict(tokens=tokens[:, :-1].contiguous(), labels=tokens[:, 1:].contiguous(), position_ids=positions)
 
+    def identity(self) -> dict:
+        """What must match on resume for the stream to continue exactly."""
+        return dict(seed=self.seed, seq_len=self.seq_len, documents=len(self.dataset),
+                    tokens=self.dataset.num_tokens)
+
     def state_dict(self) -> dict:
-        consumed = self.schedule.between_steps()
-        epoch, row = divmod(consumed, self.rows_per_epoch)
-        return dict(rows_consumed=consumed, epoch=epoch, row_in_epoch=row, seed=self.seed,
-                    seq_len=self.seq_len, documents=len(self.dataset), tokens=self.dataset.num_tokens)
+        epoch, row = divmod(self.schedule.between_steps(), self.rows_per_epoch)
+        return self.schedule.state_dict(epoch=epoch, row_in_epoch=row, **self.identity())
 
     def load_state_dict(self, state: dict) -> None:
-        mine = self.state_dict()
-        for key in ("seed", "seq_len", "documents", "tokens"):
-            if state.get(key) != mine[key]:
-                raise DataError(f"data stream state: {key} is {state.get(key)!r} in the checkpoint but "
-                                f"{mine[key]!r} now; the stream cannot resume exactly")
-        self.schedule.rows_consumed = int(state["rows_consumed"])
+        self.schedule.load_state_dict(state, f"data stream {self.dataset.prefix}", **self.identity())

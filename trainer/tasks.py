@@ -58,11 +58,12 @@ def router_log(sums: dict, layout) -> dict:
     """A step's router metrics over all data-parallel ranks: aux_loss (mean over micro-batches),
     expert_load[layer][expert] (share of the top-k assignments), expert_imbalance (max over layers of
     max/mean load: 1 is perfectly balanced) and router_entropy[layer] (mean nats per token)."""
-    counts, entropy = sums["expert_counts"].double().clone(), sums["entropy_sum"].double().clone()
-    if dist.is_initialized() and layout.dp > 1:
-        dist.all_reduce(counts, group=layout.dp_group)
-        dist.all_reduce(entropy, group=layout.dp_group)
-    aux_sum, micro, routed = sum_over_dp([sums["aux_sum"], sums["micro"], sums["routed_tokens"]], layout)
+    shape = sums["expert_counts"].shape  # (layers, experts)
+    *per_layer, aux_sum, micro, routed = sum_over_dp(  # one all-reduce for all of them
+        sums["expert_counts"].flatten().tolist() + sums["entropy_sum"].tolist()
+        + [sums["aux_sum"], sums["micro"], sums["routed_tokens"]], layout)
+    counts = torch.tensor(per_layer[:shape.numel()], dtype=torch.float64).view(shape)
+    entropy = torch.tensor(per_layer[shape.numel():], dtype=torch.float64)
     load = counts / counts.sum(-1, keepdim=True)
     return {"aux_loss": aux_sum / micro, "expert_load": load.tolist(),
             "expert_imbalance": float((load.max(-1).values / load.mean(-1)).max()),
