@@ -81,10 +81,11 @@ def build(variant: str, moe: MoE, layout, top_k: int):
                 for w in ("w1", "w3", "w2"):
                     getattr(expert, w).weight.copy_(getattr(moe.experts, w)[e].mT)
         return layer, lambda x: layer(x)[0]
-    from parallel.expert_parallel import from_experts
+    from parallel.parallelize import expert_parallel_experts
     twin = MoE(D, E, top_k, F)
     twin.load_state_dict(moe.state_dict())
-    twin.experts = from_experts(twin.experts, layout, SimpleNamespace(moe_impl="deepspeed", capacity_factor=1.0))
+    twin.experts = expert_parallel_experts(twin.experts, layout,
+                                           SimpleNamespace(moe_impl="deepspeed", capacity_factor=1.0))
     return twin, lambda x: twin(x[None])[0][0]
 
 

@@ -128,6 +128,7 @@ def build_deepspeed(model, args):
     from parallel.layout import Layout
     from trainer import distributed as D
     from trainer.config import load_config
+    from parallel.parallelize import parallelize
     from trainer.engine import build_engine
 
     cfg = load_config(None, [f"model.preset={args.preset}", f"pretrain.micro_batch_size={args.batch}",
@@ -136,7 +137,8 @@ def build_deepspeed(model, args):
                              "pretrain.warmup_steps=0", "pretrain.weight_decay=0.1",
                              f"parallel.zero_stage={args.zero_stage}"])
     layout = Layout.build(cfg.parallel, model.cfg, cfg.pretrain, D.world_size(), D.rank())
-    return build_engine(model, cfg.pretrain, cfg.parallel, layout)
+    return build_engine(parallelize(model, layout, cfg.parallel).to(D.device()), cfg.pretrain, cfg.parallel,
+                        layout)
 
 
 def run_worker(args) -> dict:

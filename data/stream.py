@@ -91,25 +91,42 @@ class EpochShuffle:
         return int(self._order[1][k])
 
 
+def split_documents(num_documents: int, valid_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training, held-out) document indices: round(valid_fraction * n) documents (at least one when the
+    fraction is > 0) drawn with default_rng([seed, n]), whole documents so no held-out text is trained on."""
+    if not 0 <= valid_fraction < 1:
+        raise ValueError(f"valid_fraction ({valid_fraction}) must be in [0, 1)")
+    held = max(1, round(valid_fraction * num_documents)) if valid_fraction else 0
+    if held and held >= num_documents:
+        raise DataError(f"valid_fraction {valid_fraction} of {num_documents} documents leaves none to train on")
+    valid = np.sort(np.random.default_rng([seed, num_documents]).permutation(num_documents)[:held])
+    return np.setdiff1d(np.arange(num_documents), valid), valid
+
+
 class PackedStream:
+    """The stream over `documents` of `dataset` (all of them by default; S_e concatenates only those)."""
+
     def __init__(self, dataset: IndexedDataset, seq_len: int, micro_batch_size: int, seed: int,
-                 dp_rank: int = 0, dp_size: int = 1, accumulation: int = 1):
+                 dp_rank: int = 0, dp_size: int = 1, accumulation: int = 1, documents=None):
         if seq_len < 1:
             raise ValueError(f"seq_len ({seq_len}) must be >= 1")
         self.schedule = StepSchedule(micro_batch_size, dp_rank, dp_size, accumulation)
-        if dataset.num_tokens < seq_len + 1:
-            raise DataError(f"{dataset.prefix}: {dataset.num_tokens} tokens, fewer than one row of "
-                            f"seq_len + 1 = {seq_len + 1}")
-        self.dataset, self.seq_len, self.seed = dataset, seq_len, seed
-        self.rows_per_epoch = (dataset.num_tokens - 1) // seq_len
+        self.documents = np.arange(len(dataset)) if documents is None else np.asarray(documents)
         self.lengths = dataset.lengths
+        self.num_tokens = int(self.lengths[self.documents].sum())
+        if self.num_tokens < seq_len + 1:
+            raise DataError(f"{dataset.prefix}: {self.num_tokens} tokens, fewer than one row of seq_len + 1 = "
+                            f"{seq_len + 1}" + (f" (in the {len(self.documents)} documents streamed)"
+                                                if documents is not None else ""))
+        self.dataset, self.seq_len, self.seed = dataset, seq_len, seed
+        self.rows_per_epoch = (self.num_tokens - 1) // seq_len
         self._plan = None
 
     def epoch_plan(self, epoch: int):
         """(epoch, document order, end of each ordered document in S_e, row order) of one epoch."""
         if self._plan is None or self._plan[0] != epoch:
             rng = np.random.default_rng([self.seed, epoch])
-            order = rng.permutation(len(self.dataset))
+            order = self.documents[rng.permutation(len(self.documents))]
             self._plan = (epoch, order, np.cumsum(self.lengths[order]), rng.permutation(self.rows_per_epoch))
         return self._plan
 
@@ -133,15 +150,21 @@ class PackedStream:
         return np.concatenate(pieces).astype(np.int64), positions
 
     def next_batch(self) -> dict:
-        rows = [self.row(g) for g in self.schedule.next_rows()]
+        return self.batch_of(self.schedule.next_rows())
+
+    def batch_of(self, rows: list) -> dict:
+        """The batch of global rows `rows`; a None row is a filler with no loss token."""
+        fillers = [i for i, g in enumerate(rows) if g is None]
+        rows = [self.row(0 if g is None else g) for g in rows]
         tokens = torch.from_numpy(np.stack([r[0] for r in rows]))
         positions = torch.from_numpy(np.stack([r[1][:-1] for r in rows]))
-        return dict(tokens=tokens[:, :-1].contiguous(), labels=tokens[:, 1:].contiguous(), position_ids=positions)
+        labels = tokens[:, 1:].clone()
+        labels[fillers] = -100
+        return dict(tokens=tokens[:, :-1].contiguous(), labels=labels, position_ids=positions)
 
     def identity(self) -> dict:
         """What must match on resume for the stream to continue exactly."""
-        return dict(seed=self.seed, seq_len=self.seq_len, documents=len(self.dataset),
-                    tokens=self.dataset.num_tokens)
+        return dict(seed=self.seed, seq_len=self.seq_len, documents=len(self.documents), tokens=self.num_tokens)
 
     def state_dict(self) -> dict:
         epoch, row = divmod(self.schedule.between_steps(), self.rows_per_epoch)

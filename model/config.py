@@ -42,6 +42,10 @@ PRESETS: dict[str, dict] = {
     # the quickstart: trains on 2 CPU cores in minutes
     "tiny": dict(dim=128, num_layers=4, num_heads=4, num_kv_heads=2, num_experts=8, top_k=2,
                  expert_dim=256, max_seq_len=1024),
+    # 330 M parameters, 92 % of them in the experts (16 of hidden 2048, top-2): memory measurements
+    # of expert parallelism on one machine (bench/memory.py)
+    "mid": dict(dim=384, num_layers=8, num_heads=8, num_kv_heads=4, num_experts=16, top_k=2,
+                expert_dim=2048, max_seq_len=2048),
     # published shapes (mistralai/Mixtral-8x7B-v0.1 and Mixtral-8x22B-v0.1 config.json)
     "mixtral-8x7b": dict(dim=4096, num_layers=32, num_heads=32, num_kv_heads=8, num_experts=8,
                          top_k=2, expert_dim=14336, max_seq_len=32768, rope_theta=1e6,

@@ -15,19 +15,31 @@ load; transformers 5 fuses the experts on load and un-fuses them again in save_p
     model.layers.N.mlp.gate.weight (E, D); mlp.experts.gate_up_proj (E, 2F, D) = [w1^T; w3^T] stacked
     along dim 1; mlp.experts.down_proj (E, D, F) = w2^T.
 Every conversion consumes every tensor: a missing or unexpected name, or a shape that differs from
-the config, is a ValueError naming the tensor (and the folder). Files are read with safetensors only.
+the config, is an HFCheckpointError (a ValueError) naming the tensor (and the folder). Files are read
+with safetensors only.
+
+At scale nothing is whole: `HFFolder` is a source of boxes of our tensors (model/init.py) that a rank
+reads with safetensors' lazy slicing, only for the shards it holds; `export_hf` writes the Hub
+tensors one at a time from any source into size-bounded shards.
 """
 
 import json
+import math
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
 from .config import ModelConfig, validate_model_config
+from .init import StateDictSource
+
+class HFCheckpointError(ValueError):
+    """An HF folder or state dict that is not the Mixtral the config describes; names the folder,
+    file or tensor."""
+
 
 OUR_TO_HF = {  # per-layer tensors that map one to one
     "attention_norm.weight": "input_layernorm.weight",
@@ -67,14 +79,14 @@ def model_config_from_hf(hf_cfg, source: str = "HF config") -> ModelConfig:
 
     d = hf_cfg.to_dict() if hasattr(hf_cfg, "to_dict") else dict(hf_cfg)
     if d.get("model_type", "mixtral") != "mixtral":
-        raise ValueError(f"{source}: model_type {d['model_type']!r} is not 'mixtral'")
+        raise HFCheckpointError(f"{source}: model_type {d['model_type']!r} is not 'mixtral'")
     c = MixtralConfig.from_dict(d)
     rope = c.rope_parameters or {}
     checks = [("rope_parameters.rope_type", rope.get("rope_type", "default"), "default"),
               ("tie_word_embeddings", c.tie_word_embeddings, False), ("hidden_act", c.hidden_act, "silu")]
     for key, value, supported in checks:
         if value != supported:
-            raise ValueError(f"{source}: {key}={value!r} is not supported (only {supported!r})")
+            raise HFCheckpointError(f"{source}: {key}={value!r} is not supported (only {supported!r})")
     head_dim = c.head_dim if c.head_dim and c.head_dim * c.num_attention_heads != c.hidden_size else None
     cfg = ModelConfig(
         vocab_size=c.vocab_size, dim=c.hidden_size, num_layers=c.num_hidden_layers,
@@ -86,7 +98,7 @@ def model_config_from_hf(hf_cfg, source: str = "HF config") -> ModelConfig:
     try:
         validate_model_config(cfg)
     except ValueError as e:
-        raise ValueError(f"{source}: {e}") from None
+        raise HFCheckpointError(f"{source}: {e}") from None
     return cfg
 
 
@@ -124,35 +136,54 @@ def hf_shapes(cfg: ModelConfig, fused_layers: frozenset = frozenset()) -> dict[s
 
 def check_tensors(tensors: dict, expected: dict[str, tuple], source: str) -> None:
     """ValueError naming every missing or unexpected tensor, else the first shapes that differ."""
+    check_shapes({k: tuple(v.shape) for k, v in tensors.items()}, expected, source)
+
+
+def check_shapes(shapes: dict[str, tuple], expected: dict[str, tuple], source: str) -> None:
+    """check_tensors on name -> shape (e.g. read from safetensors headers, no data loaded)."""
     def names(keys):
         keys = sorted(keys, key=_natural)
         more = f" (and {len(keys) - 8} more)" if len(keys) > 8 else ""
         return ", ".join(repr(k) for k in keys[:8]) + more
 
-    missing, unexpected = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
+    missing, unexpected = expected.keys() - shapes.keys(), shapes.keys() - expected.keys()
     problems = [f"missing tensor{'s' * (len(missing) > 1)} {names(missing)}"] if missing else []
     problems += [f"unexpected tensor{'s' * (len(unexpected) > 1)} {names(unexpected)}"] if unexpected else []
-    problems += [f"tensor {k!r} has shape {tuple(tensors[k].shape)}, expected {expected[k]}"
-                 for k in sorted(expected.keys() & tensors.keys(), key=_natural)
-                 if tuple(tensors[k].shape) != expected[k]][:8]
+    problems += [f"tensor {k!r} has shape {tuple(shapes[k])}, expected {expected[k]}"
+                 for k in sorted(expected.keys() & shapes.keys(), key=_natural)
+                 if tuple(shapes[k]) != expected[k]][:8]
     if problems:
-        raise ValueError(f"{source}: " + "; ".join(problems))
+        raise HFCheckpointError(f"{source}: " + "; ".join(problems))
+
+
+def hub_names(cfg: ModelConfig) -> dict[str, tuple[str, Optional[int]]]:
+    """Hub name -> (our name, expert index or None), in the Hub's order. An expert's Hub tensor is
+    our stacked tensor's row `expert`, transposed."""
+    out = {TOP_LEVEL["tok_embeddings.weight"]: ("tok_embeddings.weight", None)}
+    for i in range(cfg.num_layers):
+        p, q = f"layers.{i}.", f"model.layers.{i}."
+        out |= {q + hf: (p + ours, None) for ours, hf in OUR_TO_HF.items()}
+        out[q + "block_sparse_moe.gate.weight"] = (p + "moe.router.gate.weight", None)
+        for w in ("w1", "w2", "w3"):
+            out |= {f"{q}block_sparse_moe.experts.{e}.{w}.weight": (f"{p}moe.experts.{w}", e)
+                    for e in range(cfg.num_experts)}
+    return out | {TOP_LEVEL[k]: (k, None) for k in ("norm.weight", "output.weight")}
+
+
+def hub_tensor(source, name: str, expert: Optional[int], full_shape) -> torch.Tensor:
+    """The Hub tensor of our tensor `name` (row `expert` of a stacked expert tensor, transposed), read
+    from a source of our tensors (model/init.py): only that box is read."""
+    if expert is None:
+        return source.read(name, full_shape, [0] * len(full_shape), full_shape)
+    return source.read(name, full_shape, [expert, 0, 0], [1, *full_shape[1:]])[0].t()
 
 
 def to_hf(state_dict: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Our state dict -> Hub-named tensors (views where possible: no copy of the experts)."""
-    check_tensors(state_dict, our_shapes(cfg), "state dict")
-    out = {TOP_LEVEL["tok_embeddings.weight"]: state_dict["tok_embeddings.weight"]}
-    for i in range(cfg.num_layers):
-        p, q = f"layers.{i}.", f"model.layers.{i}."
-        out |= {q + hf: state_dict[p + ours] for ours, hf in OUR_TO_HF.items()}
-        out[q + "block_sparse_moe.gate.weight"] = state_dict[p + "moe.router.gate.weight"]
-        for w in ("w1", "w2", "w3"):
-            stacked = state_dict[f"{p}moe.experts.{w}"]  # (E, in, out) -> per expert (out, in)
-            out |= {f"{q}block_sparse_moe.experts.{e}.{w}.weight": stacked[e].t()
-                    for e in range(cfg.num_experts)}
-    out |= {TOP_LEVEL[k]: state_dict[k] for k in ("norm.weight", "output.weight")}
-    return out
+    """Our state dict -> Hub-named tensors (views: no copy of the experts)."""
+    ours = our_shapes(cfg)
+    check_tensors(state_dict, ours, "state dict")
+    source = StateDictSource(state_dict)
+    return {hf: hub_tensor(source, name, e, ours[name]) for hf, (name, e) in hub_names(cfg).items()}
 
 
 def from_hf(hf_state_dict: dict, cfg: ModelConfig, source: str = "HF state dict") -> dict[str, torch.Tensor]:
@@ -181,11 +212,14 @@ def from_hf(hf_state_dict: dict, cfg: ModelConfig, source: str = "HF state dict"
 
 # ---- folders --------------------------------------------------------------------------------------
 
-def export_hf(state_dict: dict, cfg: ModelConfig, out_dir, tokenizer=None, dtype=torch.bfloat16,
+def export_hf(source, cfg: ModelConfig, out_dir, tokenizer=None, dtype=torch.bfloat16,
               max_shard_size: Union[int, str] = "2GB") -> Path:
     """Write a MixtralForCausalLM folder: config.json, generation_config.json, model-0000k-of-0000N
     .safetensors + model.safetensors.index.json, and the tokenizer's files when one is given.
 
+    `source` is our state dict, or any source of our tensors (model/init.py; a checkpoint's
+    trainer.checkpoint.CheckpointSource): tensors are read one Hub tensor at a time (an expert's
+    row only) and cast into the shard being filled, so memory holds one shard plus one tensor.
     Written into a temporary sibling and renamed at the end: a failed export leaves no folder behind.
     An existing `out_dir` is replaced if it is empty or an HF folder (has config.json).
     """
@@ -195,7 +229,11 @@ def export_hf(state_dict: dict, cfg: ModelConfig, out_dir, tokenizer=None, dtype
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "config.json").exists():
         raise FileExistsError(f"export: {out_dir} exists and is not an HF folder; refusing to replace it")
-    tensors = to_hf(state_dict, cfg)
+    ours = our_shapes(cfg)
+    if isinstance(source, dict):
+        check_tensors(source, ours, "state dict")
+        source = StateDictSource(source)
+    names, shapes = hub_names(cfg), hf_shapes(cfg)
     bos = getattr(tokenizer, "bos_token_id", None)
     eos = getattr(tokenizer, "eos_token_id", None)
     bos, eos = 1 if bos is None else bos, 2 if eos is None else eos
@@ -204,18 +242,22 @@ def export_hf(state_dict: dict, cfg: ModelConfig, out_dir, tokenizer=None, dtype
     # top-level rope_theta and torch_dtype: what transformers 4.x and vLLM read
     config |= {"architectures": ["MixtralForCausalLM"], "dtype": dtype_name, "torch_dtype": dtype_name,
                "rope_theta": float(cfg.rope_theta)}
-    shards = split_into_shards(tensors, dtype, parse_size(max_shard_size))
+    shards = split_into_shards({n: shapes[n] for n in names}, dtype, parse_size(max_shard_size))
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         weight_map = {}
-        for k, names in enumerate(shards):
+        for k, shard_names in enumerate(shards):
             fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-            shard = {n: torch.empty(tensors[n].shape, dtype=dtype).copy_(tensors[n].detach()) for n in names}
+            shard = {}
+            for n in shard_names:
+                name, expert = names[n]
+                shard[n] = hub_tensor(source, name, expert, ours[name]).to(dtype).contiguous()
             save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-            weight_map |= dict.fromkeys(names, fname)
-        total = sum(t.numel() for t in tensors.values())
+            del shard
+            weight_map |= dict.fromkeys(shard_names, fname)
+        total = sum(math.prod(shapes[n]) for n in names)
         index = {"metadata": {"total_size": total * dtype.itemsize, "total_parameters": total},
                  "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -236,44 +278,95 @@ def export_hf(state_dict: dict, cfg: ModelConfig, out_dir, tokenizer=None, dtype
     return out_dir
 
 
+class HFFolder:
+    """An HF Mixtral folder (config.json + model.safetensors or a sharded index) as a source of our
+    tensors (model/init.py): read(name, full_shape, offsets, shape) reads only that box, through
+    safetensors' lazy slicing (get_slice), in the files' dtype. Hub expert tensors are per expert, so
+    a rank that holds some experts reads only theirs. Opening the folder checks config.json, the
+    index, that every shard exists, and every tensor's shape against the config from the headers,
+    before any data is read. Pickle files (pytorch_model.bin) are never read."""
+
+    def __init__(self, path):
+        from safetensors import safe_open
+
+        path = self.path = Path(path)
+        if not (path / "config.json").is_file():
+            raise HFCheckpointError(f"{path}: not an HF Mixtral folder (no config.json)")
+        self.cfg = model_config_from_hf(json.loads((path / "config.json").read_text()),
+                                        source=f"{path}/config.json")
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif (path / "model.safetensors").is_file():
+            weight_map, files = None, ["model.safetensors"]
+        else:
+            raise HFCheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                             "(pickle checkpoints such as pytorch_model.bin are not read)")
+        self._where, shapes = {}, {}
+        for fname in files:
+            if not (path / fname).is_file():
+                raise HFCheckpointError(f"{path}: shard {fname} named in model.safetensors.index.json is missing")
+            with safe_open(str(path / fname), framework="pt") as f:
+                for name in f.keys():
+                    if name in self._where:
+                        raise HFCheckpointError(f"HF checkpoint {path}: tensor {name!r} appears in two shards")
+                    if weight_map is not None and weight_map.get(name) != fname:
+                        raise HFCheckpointError(f"HF checkpoint {path}: tensor {name!r} in {fname} is not indexed "
+                                         f"there (index says {weight_map.get(name)})")
+                    self._where[name] = path / fname
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+        self.fused = frozenset(i for i in range(self.cfg.num_layers)
+                               if f"model.layers.{i}.mlp.experts.gate_up_proj" in shapes)
+        check_shapes(shapes, hf_shapes(self.cfg, self.fused), f"HF checkpoint {path}")
+        self.ours = our_shapes(self.cfg)
+
+    def _get(self, hf_name: str, box: tuple) -> torch.Tensor:
+        """The box of one file tensor, copied out; the file is mapped only for this read (a mapping
+        kept open would keep every page read so far resident: the whole folder, by the end)."""
+        from safetensors import safe_open
+
+        with safe_open(str(self._where[hf_name]), framework="pt") as f:
+            return f.get_slice(hf_name)[box]
+
+    def read(self, name: str, full_shape, offsets, shape) -> torch.Tensor:
+        if self.ours.get(name) != tuple(full_shape):
+            raise HFCheckpointError(f"HF checkpoint {self.path}: our tensor {name!r} of shape {tuple(full_shape)} "
+                             f"does not match the folder's config ({self.ours.get(name)})")
+        box = tuple(slice(o, o + n) for o, n in zip(offsets, shape))
+        if name in TOP_LEVEL:
+            return self._get(TOP_LEVEL[name], box)
+        _, i, rest = name.split(".", 2)
+        q = f"model.layers.{i}."
+        if rest in OUR_TO_HF:
+            return self._get(q + OUR_TO_HF[rest], box)
+        fused = int(i) in self.fused
+        if rest == "moe.router.gate.weight":
+            return self._get(q + ("mlp.gate.weight" if fused else "block_sparse_moe.gate.weight"), box)
+        w = rest.rsplit(".", 1)[1]
+        experts, a, b = box  # w1, w3: (E, D, F) boxes; w2: (E, F, D)
+        if fused:  # gate_up_proj (E, 2F, D) = [w1^T; w3^T], down_proj (E, D, F) = w2^T
+            if w == "w2":
+                return self._get(q + "mlp.experts.down_proj", (experts, b, a)).transpose(1, 2)
+            shift = 0 if w == "w1" else self.cfg.expert_dim
+            rows = slice(b.start + shift, b.stop + shift)
+            return self._get(q + "mlp.experts.gate_up_proj", (experts, rows, a)).transpose(1, 2)
+        return torch.stack([self._get(f"{q}block_sparse_moe.experts.{e}.{w}.weight", (b, a)).t()
+                            for e in range(experts.start, experts.stop)])
+
+
 def import_hf(path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """An HF Mixtral folder (config.json + model.safetensors or a sharded index) -> (config, our state
-    dict). Tensors keep the dtype of the files. Pickle files (pytorch_model.bin) are never read."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ValueError(f"{path}: not an HF Mixtral folder (no config.json)")
-    cfg = model_config_from_hf(json.loads((path / "config.json").read_text()), source=f"{path}/config.json")
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
-    elif (path / "model.safetensors").is_file():
-        weight_map, files = None, ["model.safetensors"]
-    else:
-        raise ValueError(f"{path}: no model.safetensors or model.safetensors.index.json "
-                         "(pickle checkpoints such as pytorch_model.bin are not read)")
-    tensors = {}
-    for fname in files:
-        if not (path / fname).is_file():
-            raise ValueError(f"{path}: shard {fname} named in model.safetensors.index.json is missing")
-        with safe_open(str(path / fname), framework="pt") as f:
-            for name in f.keys():
-                if name in tensors:
-                    raise ValueError(f"HF checkpoint {path}: tensor {name!r} appears in two shards")
-                if weight_map is not None and weight_map.get(name) != fname:
-                    raise ValueError(f"HF checkpoint {path}: tensor {name!r} in {fname} is not indexed "
-                                     f"there (index says {weight_map.get(name)})")
-                tensors[name] = f.get_tensor(name)
-    return cfg, from_hf(tensors, cfg, source=f"HF checkpoint {path}")
+    """An HF Mixtral folder -> (config, our whole state dict), in the files' dtype (HFFolder read whole)."""
+    folder = HFFolder(path)
+    return folder.cfg, {name: folder.read(name, shape, [0] * len(shape), shape)
+                        for name, shape in folder.ours.items()}
 
 
-def split_into_shards(tensors: dict, dtype: torch.dtype, max_bytes: int) -> list[list[str]]:
+def split_into_shards(shapes: dict[str, tuple], dtype: torch.dtype, max_bytes: int) -> list[list[str]]:
     """Names grouped in order into shards of at most max_bytes (a larger tensor gets its own shard)."""
     shards, size = [[]], 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * dtype.itemsize
+    for name, shape in shapes.items():
+        nbytes = math.prod(shape) * dtype.itemsize
         if shards[-1] and size + nbytes > max_bytes:
             shards.append([])
             size = 0

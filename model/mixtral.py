@@ -5,15 +5,15 @@ Attention and MoE read their local sizes from their weights (`view(B, T, -1, Dh)
 parallel rewrite that shards the projections needs no change here.
 """
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .attention import attention, pick_backend
 from .config import ModelConfig
+from .init import RandomInit
 from .moe import MoE, RouterStats
 
 
@@ -83,17 +83,16 @@ class Mixtral(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.checkpointed: set[int] = set()  # layer indices recomputed in backward (parallel/ sets it)
+        # how a block runs: parallel/ may set a function (block, *inputs) -> outputs (activation checkpointing)
+        self.run_block: Optional[Callable] = None
 
     @torch.no_grad()
-    def init_weights(self, seed: Optional[int] = None):
-        """Normal(0, init_std) for matrices, ones for norms (transformers' Mixtral init)."""
-        gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+    def init_weights(self, seed: int):
+        """Normal(0, init_std) for matrices, ones for norms (transformers' Mixtral init), drawn per
+        row block (model/init.py) so that any shard of any layout can be generated alone and equal."""
+        source = RandomInit(self.cfg.init_std, seed)
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * self.cfg.init_std)
+            p.copy_(source.read(name, p.shape, [0] * p.dim(), p.shape))
 
     def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None):
         """tokens (B, T) -> logits (B, T, V) and RouterStats over all layers.
@@ -112,11 +111,8 @@ class Mixtral(nn.Module):
         h = self.tok_embeddings(tokens)
         cos, sin = rotary_cos_sin(positions, self.cfg.head_size, self.cfg.rope_theta, h.dtype)
         per_layer = []  # (counts, prob_sum, z_sum, entropy_sum) of each layer
-        for i, layer in enumerate(self.layers):
-            if i in self.checkpointed and torch.is_grad_enabled():
-                h, *stats = checkpoint(layer, h, cos, sin, position_ids, use_reentrant=False)
-            else:
-                h, *stats = layer(h, cos, sin, position_ids)
+        for layer in self.layers:
+            h, *stats = (self.run_block or Block.__call__)(layer, h, cos, sin, position_ids)
             per_layer.append(stats)
         counts, prob_sums, z_sums, entropy_sums = (torch.stack(s) for s in zip(*per_layer))
         stats = RouterStats(counts, prob_sums, z_sums, torch.tensor(float(B * T), device=tokens.device),

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from deepspeed.moe.sharded_moe import MOELayer, top2gating, topkgating
 from torch import nn
 
+from .deepspeed_internals import set_moe_layer_ep_group
 from .expert_parallel import ExpertLayer
 from .layout import LayoutError
 
@@ -64,7 +65,7 @@ class DeepSpeedExperts(ExpertLayer):
         gate = RoutedGate(self.num_experts, float(capacity_factor))
         self.deepspeed_moe = MOELayer(gate, self._local_experts, self.expert_group_name, self.ep_size,
                                       self.num_local_experts)
-        self.deepspeed_moe._set_ep_group(self.group)
+        set_moe_layer_ep_group(self.deepspeed_moe, self.group)
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (N, D), indices/weights (N, k) -> (N, D); assignments over capacity contribute nothing."""

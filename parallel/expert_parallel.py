@@ -1,9 +1,9 @@
 """Expert parallelism: each MoE layer's experts split over the ep ranks of layout.ep_group.
 
-    block.moe.experts = from_experts(block.moe.experts, layout, parallel_cfg)     (parallelize.py)
+    block.moe.experts = expert_parallel_experts(block.moe.experts, layout, parallel_cfg)   (parallelize.py)
 
 parallel.moe_impl = "dropless" gives ExpertParallelExperts (here), "deepspeed" DeepSpeed's classic
-capacity-based layer (parallel/deepspeed_moe.py). Both keep model.moe.Experts' interface
+capacity-based layer (parallel/deepspeed_moe.py, built on ExpertLayer). Both keep model.moe.Experts' interface
 forward(x (N, D), indices (N, k), weights (N, k)) -> (N, D); the router stays replicated.
 
 Dropless dispatch (Mixtral semantics: every token reaches its k experts, no capacity), per layer:
@@ -40,10 +40,11 @@ parallelism, so with ep > 1 and clipping stage 0 drifts from one process: use ze
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from torch import nn
 
 from model.moe import Experts, swiglu_experts
+
+from .deepspeed_internals import MoEMarker
 
 
 def expert_shard(full: torch.Tensor, layout) -> nn.Parameter:
@@ -56,26 +57,13 @@ def expert_shard(full: torch.Tensor, layout) -> nn.Parameter:
     return p
 
 
-class ExpertLayer(DeepSpeedMoE):
-    """What both expert-parallel layers share: this rank's slice of w1, w3, w2 and the ep group.
-
-    It subclasses deepspeed.moe.layer.MoE only because DeepSpeed's engine turns its expert handling on
-    (expert grads reduced over the expert-dp group, ZeRO partitions of the expert param groups) iff the
-    model holds an instance of it (engine._configure_distributed_model). MoE.__init__, which builds
-    DeepSpeed's own gate and experts, is not run.
-    """
+class ExpertLayer(MoEMarker):
+    """What both expert-parallel layers share: this rank's slice of w1, w3, w2 and the ep group, in a
+    module DeepSpeed's engine recognises as an MoE layer (parallel/deepspeed_internals.py)."""
 
     def __init__(self, experts: Experts, layout):
-        nn.Module.__init__(self)
-        E, ep = experts.num_experts, layout.ep
-        # read by DeepSpeed's engine
-        self.num_experts, self.num_local_experts, self.ep_size = E, E // ep, ep
-        self.expert_group_name = f"ep_size_{ep}"
-        self.group = layout.ep_group
+        super().__init__(experts.num_experts, layout.ep, layout.ep_group)
         self.w1, self.w3, self.w2 = (expert_shard(w, layout) for w in (experts.w1, experts.w3, experts.w2))
-
-    def set_deepspeed_parallelism(self, *args, **kwargs):
-        """DeepSpeed's engine calls this to create and attach the ep groups: Layout.build_groups did."""
 
 
 class _AllToAll(torch.autograd.Function):
@@ -131,16 +119,3 @@ class ExpertParallelExperts(ExpertLayer):
         one = counts.clone()
         one[-1] = 1
         return swiglu_experts(F.pad(rows, (0, 0, 0, 1)), self.w1, self.w3, self.w2, one)[:0]
-
-
-def from_experts(experts: Experts, layout, parallel_cfg) -> nn.Module:
-    """The expert-parallel replacement of a model.moe.Experts (its weights sliced to this ep rank)."""
-    if type(experts) is not Experts:
-        raise TypeError(f"expert parallelism needs model.moe.Experts, got {type(experts).__name__}: "
-                        "parallel.expert_tp combines with neither parallel.ep > 1 nor moe_impl=deepspeed")
-    if parallel_cfg.moe_impl == "deepspeed":
-        from .deepspeed_moe import DeepSpeedExperts
-        return DeepSpeedExperts(experts, layout, parallel_cfg.capacity_factor)
-    if parallel_cfg.moe_impl != "dropless":
-        raise ValueError(f"parallel.moe_impl must be dropless or deepspeed, got {parallel_cfg.moe_impl!r}")
-    return ExpertParallelExperts(experts, layout)

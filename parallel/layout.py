@@ -13,9 +13,9 @@ Rank order (Megatron's): tp fastest, then dp:   global rank = dp_rank * tp + tp_
     ep group          ep consecutive dp ranks (same tp_rank): experts are split over them
     expert-dp group   the dp / ep ranks (same tp_rank) that hold the same experts
 This equals deepspeed.utils.groups._get_expert_parallel_ranks (E + M + D): `build_groups` lets
-DeepSpeed create its `ep_size_{ep}` groups from `layout.mpu`, checks their ranks against these and
-uses DeepSpeed's group objects, so our expert layers and DeepSpeed's expert-gradient reduction use
-the same communicators.
+DeepSpeed create its `ep_size_{ep}` groups from `layout.mpu` (parallel/deepspeed_internals.py), checks
+their ranks against these and uses DeepSpeed's group objects, so our expert layers and DeepSpeed's
+expert-gradient reduction use the same communicators.
 
 `layout.mpu` is the model-parallel unit `deepspeed.initialize(mpu=...)` expects; its "model
 parallel" group is the tp group.
@@ -108,24 +108,18 @@ class Layout:
 
     def _build_deepspeed_expert_groups(self):
         import deepspeed
-        from deepspeed.utils import groups
+
+        from .deepspeed_internals import expert_groups
 
         if not deepspeed.comm.is_initialized():
             deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
-        groups.mpu = self.mpu  # deepspeed.initialize sets the same; the group builder reads dp from it
-        name = f"ep_size_{self.ep}"
-        if name not in groups._get_expert_parallel_group_dict():
-            groups._create_expert_data_and_model_parallel(self.ep, mpu=self.mpu)
-        ep_ranks = list(groups._get_expert_parallel_group_ranks(name))
-        edp_ranks = list(groups._get_expert_data_parallel_group_ranks(name))
+        # experts are tensor-parallel only with expert_tp (DeepSpeed's grad norm reads this)
+        made = expert_groups(self.ep, self.mpu, expert_tp_size=self.tp if self.expert_tp else 1)
+        ep_ranks, edp_ranks = made["ep_ranks"], made["expert_dp_ranks"]
         _check(ep_ranks == self.ep_ranks_of(self.rank) and edp_ranks == self.expert_dp_ranks_of(self.rank),
-               f"DeepSpeed's {name} groups (ep {ep_ranks}, expert-dp {edp_ranks}) differ from the layout's "
-               f"(ep {self.ep_ranks_of(self.rank)}, expert-dp {self.expert_dp_ranks_of(self.rank)})")
-        # the builder also declares the experts tensor-parallel; they are only with expert_tp (DeepSpeed's
-        # grad norm and classic MoE read this to decide whether expert grads differ across tp ranks)
-        groups.expert_tensor_parallel_world_size = self.tp if self.expert_tp else 1
-        self.ep_group = groups._get_expert_parallel_group(name)
-        self.expert_dp_group = groups._get_expert_data_parallel_group(name)
+               f"DeepSpeed's ep_size_{self.ep} groups (ep {ep_ranks}, expert-dp {edp_ranks}) differ from the "
+               f"layout's (ep {self.ep_ranks_of(self.rank)}, expert-dp {self.expert_dp_ranks_of(self.rank)})")
+        self.ep_group, self.expert_dp_group = made["ep_group"], made["expert_dp_group"]
 
     # ------------------------------------------------------------ sizes and ranks
 

@@ -4,7 +4,8 @@
       1. tensor (+ sequence) parallelism by a plan keyed on module names (TP_PLAN below)
       2. expert parallelism: each layers.i.moe.experts replaced by parallel/expert_parallel.py's module
       3. with sp: gradients of the parameters every tp rank holds whole are summed over tp
-      4. activation checkpointing: none | full (every block) | selective (every other block)
+      4. activation checkpointing: none | full (recompute whole blocks) | selective (op-level: keep matmul
+         and attention outputs, recompute the element-wise work)
 
 Layouts of the activations between modules (tp ranks r of `tp`):
     residual stream h (B, T, D)    replicated; with sp sequence-sharded (B, T/tp, D) (rank r: chunk r)
@@ -26,10 +27,13 @@ over tp before the auxiliary losses, so they equal the single-device values.
 """
 
 from fnmatch import fnmatch
+from functools import partial
 
+import torch
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts, noop_context_fn
 
-from model.moe import RouterStats
+from model.moe import Experts, RouterStats
 
 from .layers import ColumnParallelLinear, RowParallelLinear, TensorParallelExperts, VocabParallelEmbedding
 from .mappings import all_gather_from_sp, all_reduce, copy_to_tp, reduce_from_tp
@@ -78,40 +82,81 @@ def apply_plan(model: nn.Module, plan: dict) -> None:
         setattr(parent, child, style(getattr(parent, child)))
 
 
+def expert_parallel_experts(experts: nn.Module, layout, parallel_cfg) -> nn.Module:
+    """The expert-parallel replacement of one model.moe.Experts, its weights sliced to this ep rank:
+    parallel/expert_parallel.py's dropless module or, with moe_impl=deepspeed, parallel/deepspeed_moe.py's
+    (both keep the interface of model.moe.Experts) over layout.ep_group."""
+    if type(experts) is not Experts:
+        raise TypeError(f"expert parallelism needs model.moe.Experts, got {type(experts).__name__}: "
+                        "parallel.expert_tp combines with neither parallel.ep > 1 nor moe_impl=deepspeed")
+    if parallel_cfg.moe_impl == "deepspeed":
+        from .deepspeed_moe import DeepSpeedExperts
+        return DeepSpeedExperts(experts, layout, parallel_cfg.capacity_factor)
+    from .expert_parallel import ExpertParallelExperts
+    return ExpertParallelExperts(experts, layout)
+
+
 def apply_expert_parallel(model: nn.Module, layout, parallel_cfg) -> None:
     """The expert-parallel plug point: with ep > 1 (or DeepSpeed's classic MoE) each
-    layers.i.moe.experts becomes parallel/expert_parallel.py's module (the interface of
-    model.moe.Experts) over layout.ep_group. Nothing to do (and nothing imported) otherwise."""
+    layers.i.moe.experts becomes its expert_parallel_experts. Nothing to do (and nothing imported)
+    otherwise."""
     if layout.ep == 1 and parallel_cfg.moe_impl == "dropless":
         return
-    try:
-        from . import expert_parallel
-    except ImportError as e:
-        raise NotImplementedError(f"parallel.ep={layout.ep}, parallel.moe_impl={parallel_cfg.moe_impl} "
-                                  "need parallel/expert_parallel.py") from e
-    for block in model.layers:  # LEAD: the constructor's name is the expert-parallel helper's
-        block.moe.experts = expert_parallel.from_experts(block.moe.experts, layout, parallel_cfg)
+    for block in model.layers:
+        block.moe.experts = expert_parallel_experts(block.moe.experts, layout, parallel_cfg)
 
 
 def sum_replicated_grads_over_tp(model: nn.Module, group) -> None:
     """Under sp every tp rank holds the norms, the router (and the experts unless expert_tp) whole
     but feeds them only its own tokens: a hook sums their gradient over tp before it reaches .grad,
-    so DeepSpeed's data-parallel reduction (which runs in backward hooks) sees the full gradient."""
-    for p in model.parameters():
-        if p.requires_grad and not getattr(p, "tensor_model_parallel", False):
-            p.register_hook(lambda grad: all_reduce(grad, group))
+    so DeepSpeed's data-parallel reduction (which runs in backward hooks) sees the full gradient.
+    The hooks are registered at the model's first forward: a tensor hook belongs to the tensor it was
+    registered on, and a model parallelized on the meta device gets its real tensors afterwards
+    (parallel/materialize.py)."""
+    def register(module, args):
+        for p in model.parameters():
+            if p.requires_grad and not getattr(p, "tensor_model_parallel", False):
+                p.register_hook(lambda grad: all_reduce(grad, group))
+        handle.remove()
+
+    handle = model.register_forward_pre_hook(register)
+
+
+SAVED_BY_SELECTIVE = {  # outputs kept by selective checkpointing: the matmuls and attention
+    torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+    torch.ops.aten._grouped_mm.default, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+}
+
+
+def _selective_policy(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in SAVED_BY_SELECTIVE else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _run_checkpointed(context_fn, block, *inputs):
+    if not torch.is_grad_enabled():  # evaluation: nothing to recompute
+        return block(*inputs)
+    return checkpoint(block, *inputs, use_reentrant=False, context_fn=context_fn)
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
-    layers = range(len(model.layers))
-    choices = {"none": set(), "full": set(layers), "selective": set(layers[::2])}
+    """full: each block keeps only its input and recomputes all of its forward in backward.
+    selective (torchtitan's op-level policy): each block keeps the outputs of its matmuls, grouped
+    GEMMs and attention (SAVED_BY_SELECTIVE) and recomputes only the cheap element-wise work between
+    them (norms, rotary, SwiGLU's activation, the router's softmax): most of full's memory saving on
+    activations of the norm/activation kind, almost none of its recompute FLOPs."""
+    choices = {"none": None, "full": noop_context_fn,
+               "selective": partial(create_selective_checkpoint_contexts, _selective_policy)}
     if mode not in choices:
         raise ValueError(f"parallel.activation_checkpointing must be one of {sorted(choices)}, got {mode!r}")
-    model.checkpointed = choices[mode]
+    model.run_block = None if mode == "none" else partial(_run_checkpointed, choices[mode])
 
 
 def parallelize(model: nn.Module, layout, parallel_cfg) -> nn.Module:
-    """Rewrite `model` (a single-device Mixtral with its weights loaded) in place; returns it."""
+    """Rewrite `model` (a single-device Mixtral, on the meta device or with its weights) in place;
+    returns it. On the meta device it only slices shapes: parallel/materialize.py then fills the shards."""
     if layout.tp > 1:
         apply_plan(model, tensor_parallel_plan(layout))
     apply_expert_parallel(model, layout, parallel_cfg)

@@ -1,4 +1,5 @@
-"""Shared fixtures: a small tokenized corpus and a way to run the trainer's CLI for real."""
+"""Shared fixtures and helpers: a small tokenized corpus, a way to run the trainer's CLI for real, the
+pretraining arguments the end-to-end tests share, curve comparisons and transformers' MoE weight names."""
 
 import json
 import os
@@ -30,6 +31,55 @@ def run_cli(*args, nproc: int = 1, check: bool = True, timeout: int = 600, env=N
 
 def read_metrics(run_folder) -> list[dict]:
     return [json.loads(line) for line in (Path(run_folder) / "metrics.jsonl").read_text().splitlines()]
+
+
+def pretrain_args(corpus, run_dir, steps=10, **extra) -> list[str]:
+    """CLI arguments of a short pretraining run of the debug preset on `corpus` (overrides in extra)."""
+    args = dict({"stages": "[pretrain]", "run_dir": run_dir, "model.preset": "debug",
+                 "pretrain.data": corpus, "pretrain.steps": steps, "pretrain.seq_len": 64,
+                 "pretrain.micro_batch_size": 2, "pretrain.global_batch_size": 4,
+                 "pretrain.lr": 1e-3, "pretrain.warmup_steps": 2, "pretrain.log_every": 1,
+                 "pretrain.save_every": 100, "pretrain.valid_fraction": 0, "logging.progress": "false"}, **extra)
+    return ["recipes/quickstart.yaml"] + [f"{k}={v}" for k, v in args.items()]
+
+
+# bf16 keeps 8 significant bits: one rounding moves a value by up to 2^-9 relative (2e-3). Weights,
+# activations and the gradients DeepSpeed reduces are bf16, and a layout sums the same products in
+# another order (tp all-reduces, dp averages, expert partial sums), so single elements differ by a few
+# roundings; the loss (a mean over 256 tokens) and the grad norm (over 4 M elements) average most of
+# that out. Measured over 4 steps: loss <= 1.6e-5, grad norm <= 4.1e-4 relative. Tolerances: loss 1e-3,
+# grad norm 2^-8 = 3.9e-3 (two roundings of one bf16 value): a gradient summed twice or missing a rank
+# moves the norm by far more.
+BF16_LOSS_TOL, BF16_GRAD_NORM_TOL = 1e-3, 2.0 ** -8
+
+
+def training_steps(run_folder) -> list[dict]:
+    """The metrics of each optimizer step (rows with a grad_norm; evaluation rows have none)."""
+    return [m for m in read_metrics(run_folder) if "grad_norm" in m]
+
+
+def assert_same_curves(run, reference, loss_tol: float, grad_norm_tol: float) -> None:
+    """The stage folders `run` and `reference` logged the same steps, and at every step the same loss
+    and grad_norm within the relative tolerances. grad_norm is compared as closely as loss: Adam
+    hides a wrong gradient scale from the loss curve, not from the norm (and clipping uses it)."""
+    got, want = training_steps(run), training_steps(reference)
+    assert [m["step"] for m in got] == [m["step"] for m in want], (run, reference)
+    assert got, f"{run}: no training step logged"
+    for key, tol in (("loss", loss_tol), ("grad_norm", grad_norm_tol)):
+        a, b = [m[key] for m in got], [m[key] for m in want]
+        errors = [abs(x - y) / abs(y) for x, y in zip(a, b)]
+        assert all(e <= tol for e in errors), (  # also false for NaN
+            f"{key}: worst relative difference {max(errors):.2e} > {tol:.0e}\n{run}: {a}\n{reference}: {b}")
+
+
+def sparse_moe_state(moe) -> dict:
+    """Our model.moe.MoE's weights in the names of transformers' MixtralSparseMoeBlock."""
+    import torch
+
+    ex = moe.experts
+    return {"gate.weight": moe.router.gate.weight.detach(),
+            "experts.gate_up_proj": torch.cat([ex.w1.transpose(1, 2), ex.w3.transpose(1, 2)], 1).detach(),
+            "experts.down_proj": ex.w2.transpose(1, 2).detach()}
 
 
 @pytest.fixture(scope="session")

@@ -90,10 +90,57 @@ def test_mask_covers_exactly_the_assistant_answers():
 
 def test_shipped_chat_set():
     convs, skipped = load_conversations(INSTRUCT / "chat.jsonl")
-    assert len(convs) == 400 and skipped == []
+    assert len(convs) == 2000 and skipped == []
     assert all(c.mask[-1] and c.tokens[-1] == 2 and not c.mask[0] for c in convs)
-    assert sum(len(c.tokens) for c in convs) < 60_000
+    assert sum(len(c.tokens) for c in convs) < 150_000
     assert (INSTRUCT / "chat.jsonl").stat().st_size < 1_000_000
+
+
+def test_held_out_questions_are_new_combinations_of_taught_facts():
+    """eval.jsonl asks every held-out question in a phrasing chat.jsonl never pairs with that fact, while
+    chat.jsonl teaches each of those answers (under other phrasings): answering needs more than recall."""
+    import json
+
+    def turns(path):
+        for line in path.read_text().splitlines():
+            messages = json.loads(line)["messages"]
+            yield from ((q["content"], a["content"]) for q, a in zip(messages, messages[1:])
+                        if q["role"] == "user" and a["role"] == "assistant")
+
+    taught = set(turns(INSTRUCT / "chat.jsonl"))
+    asked = [json.loads(line)["messages"] for line in (INSTRUCT / "eval.jsonl").read_text().splitlines()]
+    questions, answers = {q for q, _ in taught}, {a for _, a in taught}
+    assert len(asked) == 100
+    for messages in asked:
+        question, answer = messages[-2]["content"], messages[-1]["content"]
+        assert question not in questions and answer in answers, messages
+
+
+def test_packed_rows_give_each_conversation_its_own_logits_in_transformers(tmp_path):
+    """A model on packed rows (position ids restarting per conversation) computes, for every conversation,
+    the logits transformers' Mixtral computes on that conversation alone: no attention across
+    conversations, positions restarting at 0. And the labels are the next tokens inside each one."""
+    from transformers import MixtralForCausalLM
+
+    from model import Mixtral, model_config
+    from model.hf import export_hf
+
+    convs, _ = load_conversations(INSTRUCT / "chat.jsonl")
+    packed = pack_conversations(convs[:12], 256)
+    cfg = model_config("debug")
+    model = Mixtral(cfg)
+    model.init_weights(0)
+    export_hf(model.state_dict(), cfg, tmp_path, dtype=torch.float32)
+    hf = MixtralForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ours, _ = model(packed.tokens[:1], packed.position_ids[:1])
+        pieces = segments(packed, 0)
+        assert len(pieces) >= 3
+        for a, b in pieces:
+            alone = hf(packed.tokens[0, a:b][None]).logits[0]
+            torch.testing.assert_close(ours[0, a:b], alone, rtol=1e-5, atol=1e-5)
+            labels, inputs = packed.labels[0, a:b - 1], packed.tokens[0, a + 1:b]
+            assert ((labels == -100) | (labels == inputs)).all()
 
 
 BAD_CHAT = {  # line -> expected message fragment

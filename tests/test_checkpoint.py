@@ -12,15 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, read_metrics, run_cli
+from conftest import (BF16_GRAD_NORM_TOL, BF16_LOSS_TOL, ROOT, assert_same_curves, pretrain_args, run_cli,
+                      training_steps)
 from distributed import run_ranks
-from test_trainer import pretrain_args
 
 STEPS = 8
-
-
-def losses(run_dir):
-    return [m["loss"] for m in read_metrics(Path(run_dir) / "pretrain") if "loss" in m]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +24,7 @@ def uninterrupted(corpus, tmp_path_factory):
     """The reference: 8 steps at TP2 x EP2 (4 ranks), ZeRO-1, without a break."""
     run_dir = tmp_path_factory.mktemp("uninterrupted")
     run_cli(*pretrain_args(corpus, run_dir, steps=STEPS, **SAVED_AT), nproc=4)
-    return losses(run_dir)
+    return run_dir / "pretrain"
 
 
 SAVED_AT = {"parallel.tp": 2, "parallel.ep": 2, "parallel.zero_stage": 1}
@@ -63,7 +59,7 @@ def check_loaded_state(rank, world, ckpt, overrides):
     cfg = load_config(str(ROOT / "recipes/quickstart.yaml"), overrides)
     mcfg = model_config_of(cfg)
     layout = Layout.build(cfg.parallel, mcfg, cfg.pretrain, world, rank)
-    engine = build_engine(build_model(mcfg, None, seed=99), cfg.pretrain, cfg.parallel, layout)
+    engine = build_engine(build_model(mcfg, None, 99, layout, cfg.parallel), cfg.pretrain, cfg.parallel, layout)
     load_checkpoint(ckpt, engine)
     reader = CheckpointReader(ckpt)
     worst = 0.0
@@ -88,9 +84,23 @@ def test_checkpoint_loads_at_another_layout_and_training_continues(name, saved_r
     run_dir = tmp_path / name
     _copy(Path(saved_run), run_dir)
     run_cli(*pretrain_args(corpus, run_dir, steps=STEPS, **layout), nproc=ranks)
-    curve = losses(run_dir)
-    assert len(curve) == STEPS
-    assert max(abs(a - b) for a, b in zip(curve, uninterrupted)) < 1e-4, (curve, uninterrupted)
+    assert_same_curves(run_dir / "pretrain", uninterrupted, 1e-6, 1e-6)
+
+
+def test_bf16_checkpoint_resumes_at_another_layout_bit_exact(corpus, tmp_path):
+    """bf16 saved at EP2 ZeRO-1 after step 2: at TP2 ZeRO-2 every rank reads back the fp32 master weights
+    and Adam moments bit for bit, and the resumed run continues the uninterrupted bf16 curve (bf16 layout
+    tolerances: tests/conftest.py)."""
+    saved, resumed = {"pretrain.dtype": "bf16", "parallel.ep": 2}, {"parallel.tp": 2, "parallel.zero_stage": 2}
+    run_cli(*pretrain_args(corpus, tmp_path / "full", steps=4, **saved), nproc=2)
+    run_cli(*pretrain_args(corpus, tmp_path / "cut", steps=4, **saved, **{"pretrain.stop_after": 2}), nproc=2)
+    base = ["model.preset=debug", "pretrain.seq_len=64", "pretrain.micro_batch_size=2",
+            "pretrain.global_batch_size=4", "pretrain.dtype=bf16"] + [f"{k}={v}" for k, v in resumed.items()]
+    ckpt = tmp_path / "cut/pretrain/checkpoints/step_00000002"
+    assert max(run_ranks(2, check_loaded_state, str(ckpt), base)) == 0.0
+    run_cli(*pretrain_args(corpus, tmp_path / "cut", steps=4, **{"pretrain.dtype": "bf16"}, **resumed), nproc=2)
+    assert [m["step"] for m in training_steps(tmp_path / "cut/pretrain")] == [1, 2, 3, 4]
+    assert_same_curves(tmp_path / "cut/pretrain", tmp_path / "full/pretrain", BF16_LOSS_TOL, BF16_GRAD_NORM_TOL)
 
 
 def test_sigterm_saves_and_the_restart_continues_the_curve(corpus, tmp_path):
@@ -113,9 +123,8 @@ def test_sigterm_saves_and_the_restart_continues_the_curve(corpus, tmp_path):
     latest = (killed / "pretrain/checkpoints/latest").read_text().strip()
     assert latest == f"step_{stopped:08d}"
     run_cli(*pretrain_args(corpus, killed, steps=30, **{"pretrain.save_every": 1000}), nproc=2)
-    curve, ref = losses(killed), losses(reference)
-    assert [m["step"] for m in read_metrics(killed / "pretrain")] == list(range(1, 31))
-    assert max(abs(a - b) for a, b in zip(curve, ref)) < 1e-6
+    assert [m["step"] for m in training_steps(killed / "pretrain")] == list(range(1, 31))
+    assert_same_curves(killed / "pretrain", reference / "pretrain", 1e-6, 1e-6)
 
 
 def _engine(tmp_path):
@@ -130,7 +139,7 @@ def _engine(tmp_path):
                        "pretrain.global_batch_size=2"])
     mcfg = model_config_of(cfg)
     layout = Layout.build(cfg.parallel, mcfg, cfg.pretrain, 1, 0)
-    engine = build_engine(build_model(mcfg, None, seed=0), cfg.pretrain, cfg.parallel, layout)
+    engine = build_engine(build_model(mcfg, None, 0, layout, cfg.parallel), cfg.pretrain, cfg.parallel, layout)
     tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
     logits, _ = engine(tokens)
     engine.backward(logits.float().logsumexp(-1).mean())

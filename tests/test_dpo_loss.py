@@ -80,6 +80,24 @@ def test_at_the_reference_the_sigmoid_loss_is_log_2():
     assert dpo_metrics(losses, c, r)["rewards/accuracy"].item() == 0.0  # ties are not wins
 
 
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_rpo_adds_the_chosen_nll_per_token(loss_type):
+    """RPO (Pang et al. 2024, Eq. 2): loss + alpha * (-log pi(y_w | x) / |y_w|), on top of any loss type;
+    its gradient on the chosen log-prob is the DPO one minus alpha / |y_w|."""
+    (pc, pr, rc, rr), (n_c, n_r) = random_logps(32, seed=11)
+    pc.requires_grad_(True)
+    plain, _, _ = dpo_loss(pc, pr, rc, rr, 0.2, loss_type, chosen_lengths=n_c, rejected_lengths=n_r)
+    rpo, chosen_rewards, _ = dpo_loss(pc, pr, rc, rr, 0.2, loss_type, chosen_lengths=n_c,
+                                      rejected_lengths=n_r, rpo_alpha=0.5)
+    expect = [reference_loss(*map(float, (pc[i], pr[i], rc[i], rr[i])), 0.2, loss_type, 0.0, int(n_c[i]),
+                             int(n_r[i])) - 0.5 * float(pc[i]) / int(n_c[i]) for i in range(32)]
+    torch.testing.assert_close(rpo, torch.tensor(expect, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(chosen_rewards, 0.2 * (pc - rc).detach())  # rewards are unchanged
+    (grad_plain,) = torch.autograd.grad(plain.sum(), pc)
+    (grad_rpo,) = torch.autograd.grad(rpo.sum(), pc)
+    torch.testing.assert_close(grad_rpo, grad_plain - 0.5 / n_c)
+
+
 def test_bad_arguments():
     x = torch.zeros(3)
     with pytest.raises(ValueError, match="unknown 'kto'"):
@@ -88,6 +106,10 @@ def test_bad_arguments():
         dpo_loss(x, x, x, x, 0.1, "hinge", label_smoothing=0.1)
     with pytest.raises(ValueError, match="needs chosen_lengths"):
         dpo_loss(x, x, x, x, 0.1, "ipo")
+    with pytest.raises(ValueError, match="rpo_alpha > 0 needs chosen_lengths"):
+        dpo_loss(x, x, x, x, 0.1, "sigmoid", rpo_alpha=1.0)
+    with pytest.raises(ValueError, match="rpo_alpha must be >= 0"):
+        dpo_loss(x, x, x, x, 0.1, "sigmoid", chosen_lengths=x, rpo_alpha=-1.0)
     with pytest.raises(ValueError, match=r"\[0, 0.5\)"):
         dpo_loss(x, x, x, x, 0.1, "robust", label_smoothing=0.5)
     assert set(LOSS_TYPES) == {"sigmoid", "ipo", "hinge", "robust"}

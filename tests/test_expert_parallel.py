@@ -15,9 +15,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from conftest import sparse_moe_state
 from distributed import run_ranks
 from model.moe import MoE
-from parallel.expert_parallel import from_experts
+from parallel.parallelize import expert_parallel_experts
 from parallel.layout import Layout, LayoutError
 
 
@@ -63,7 +64,6 @@ def reference(case: Case) -> dict:
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-    from test_model import sparse_moe_state
 
     torch.manual_seed(0)
     E, D, N, hidden = case.experts, case.dim, sum(case.sizes), case.expert_dim
@@ -99,7 +99,7 @@ def check_case(ref: dict, layout: Layout, rank: int) -> dict:
     moe = MoE(case.dim, E, case.top_k, case.expert_dim)
     moe.load_state_dict(ref["state"])
     names = [n for n, _ in moe.named_parameters()]
-    moe.experts = from_experts(moe.experts, layout, parallel_cfg(layout.ep, case))
+    moe.experts = expert_parallel_experts(moe.experts, layout, parallel_cfg(layout.ep, case))
     assert [n for n, _ in moe.named_parameters()] == names  # checkpoints and HF export map by name
     mine = slice(sum(case.sizes[:rank]), sum(case.sizes[:rank + 1]))
     xs = ref["x"][mine].clone().requires_grad_()

@@ -181,3 +181,25 @@ def test_config_both_ways():
     odd.preset = None
     assert model_config_from_hf(hf_config(odd)) == odd
     assert model_config_from_hf(hf_config(odd).to_dict()) == odd
+
+
+def test_bad_folders_are_one_error_line_before_training(tmp_path):
+    """Through the trainer: a missing shard (a real SFT start) and shapes that disagree with config.json
+    (the dry run) stop with one `error:` line naming the file or tensor, exit code 2."""
+    from conftest import run_cli
+
+    folder = export_hf(our_model().state_dict(), CFG, tmp_path / "hf", dtype=torch.float32, max_shard_size="300KB")
+    args = ["recipes/instruct_quickstart.yaml", "--stage", "sft", f"sft.init={folder}", f"run_dir={tmp_path}/run",
+            "slurm.gpus_per_node=0", "slurm.tasks_per_node=1"]
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"intermediate_size": 96}))
+    proc = run_cli(*args, "--dry-run", check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and last.startswith(f"error: HF checkpoint {folder}: "), proc.stderr[-2000:]
+    assert "tensor 'model.layers.0.block_sparse_moe.experts.0.w1.weight' has shape (128, 64), expected (96, 64)" in last
+    (folder / "config.json").write_text(json.dumps(config))
+    shard = sorted(folder.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    proc = run_cli(*args, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"error: {folder}: shard {shard.name} named in model.safetensors.index.json is missing"), proc.stderr[-2000:]

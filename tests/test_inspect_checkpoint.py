@@ -4,8 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT, run_cli
-from test_trainer import pretrain_args
+from conftest import ROOT, pretrain_args, run_cli
 
 
 def inspect(*args):

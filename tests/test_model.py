@@ -6,6 +6,8 @@ import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock, load_balancing_loss_func
 
+from conftest import sparse_moe_state
+
 from model import Mixtral, load_balancing_loss, model_config, router_z_loss
 from model.attention import flash_attn_varlen_func
 from model.moe import MoE
@@ -49,14 +51,6 @@ def hf_twin(model: Mixtral) -> MixtralForCausalLM:
         hd |= {q + "mlp." + k: v for k, v in moe_state.items()}
     hf.load_state_dict(hd, strict=True)
     return hf.eval()
-
-
-def sparse_moe_state(moe: MoE) -> dict:
-    """Our MoE's weights in the names of transformers' MixtralSparseMoeBlock."""
-    ex = moe.experts
-    return {"gate.weight": moe.router.gate.weight.detach(),
-            "experts.gate_up_proj": torch.cat([ex.w1.transpose(1, 2), ex.w3.transpose(1, 2)], 1).detach(),
-            "experts.down_proj": ex.w2.transpose(1, 2).detach()}
 
 
 # ---- attention ------------------------------------------------------------------------------------

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, read_metrics, run_cli
+from conftest import ROOT, assert_same_curves, pretrain_args, read_metrics, run_cli, training_steps
 from slurm.localhost import LocalSlurm, Unavailable, install
-from test_trainer import pretrain_args
 
 pytestmark = pytest.mark.slurm
 STEPS = 10  # ~0.5 s each on 2 cores: a signal sent after step 2 lands mid-run
@@ -44,10 +43,6 @@ def submit(*args) -> list[str]:
     return proc.stdout.split()
 
 
-def losses(run_dir) -> list[float]:
-    return [m["loss"] for m in read_metrics(Path(run_dir) / "pretrain") if "loss" in m]
-
-
 def log(run_dir, stage, job) -> str:
     return (Path(run_dir) / "slurm" / f"{stage}-{job}.out").read_text()
 
@@ -56,7 +51,7 @@ def log(run_dir, stage, job) -> str:
 def torchrun_curve(corpus, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("torchrun")
     run_cli(*run_args(corpus, run_dir), nproc=2)
-    return losses(run_dir)
+    return run_dir / "pretrain"
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +69,8 @@ def chain(cluster, corpus, tmp_path_factory):
 def test_cpu_job_trains_like_torchrun(chain, torchrun_curve):
     run_dir, jobs, _, (pretrain, _) = chain
     assert pretrain["JobState"] == "COMPLETED", log(run_dir, "pretrain", jobs[0])
-    curve = losses(run_dir)
-    assert len(curve) == len(torchrun_curve) == STEPS
-    assert max(abs(a - b) for a, b in zip(curve, torchrun_curve)) < 1e-4, (curve, torchrun_curve)
+    assert len(training_steps(run_dir / "pretrain")) == STEPS
+    assert_same_curves(run_dir / "pretrain", torchrun_curve, 1e-6, 1e-6)
 
 
 def test_stages_run_in_dependency_order(chain):
@@ -107,6 +101,5 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, corpus, tmp_path, torchr
     assert 2 <= resumed < STEPS, text  # the preemption checkpoint, mid-run (save_every is 100)
     checkpoints = sorted(p.name for p in (tmp_path / "pretrain/checkpoints").glob("step_*"))
     assert checkpoints == [f"step_{resumed:08d}", f"step_{STEPS:08d}"]
-    curve = losses(tmp_path)
-    assert len(curve) == STEPS
-    assert max(abs(a - b) for a, b in zip(curve, torchrun_curve)) < 1e-4, (curve, torchrun_curve)
+    assert len(training_steps(tmp_path / "pretrain")) == STEPS
+    assert_same_curves(tmp_path / "pretrain", torchrun_curve, 1e-6, 1e-6)

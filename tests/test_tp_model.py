@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from distributed import run_ranks
 from model import Mixtral, load_balancing_loss, model_config, router_z_loss
 from parallel.cross_entropy import vocab_parallel_cross_entropy
+from parallel.deepspeed_internals import release_expert_groups
 from parallel.layout import Layout, LayoutError
 from parallel.mappings import all_gather
 from parallel.parallelize import parallelize, reduce_router_stats
@@ -157,7 +158,7 @@ def model_checks_4(rank, world_size):
 
     results = {"tp2xdp2-sp-selective": compare(cfg, *build(cfg, world_size, rank, tp=2, sp=True,
                                                            activation_checkpointing="selective"))}
-    groups._release_process_group_references()  # DeepSpeed keys its groups by ep size only: one layout
+    release_expert_groups()  # DeepSpeed keys its groups by ep size only: one layout
     cfg4 = model_config("debug", vocab_size=256, num_kv_heads=4)  # per process, as in training
     results["tp4-sp-expert_tp"] = compare(cfg4, *build(cfg4, world_size, rank, tp=4, sp=True, expert_tp=True))
     return results

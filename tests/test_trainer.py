@@ -1,21 +1,11 @@
-"""The trainer end to end through its CLI: bad input, exact resume, every layout equal to one process."""
-
-import math
+"""The trainer end to end through its CLI: bad input, exact resume, every layout equal to one process
+(loss and grad norm, fp32 and bf16)."""
 
 import pytest
 
-from conftest import read_metrics, run_cli
+from conftest import BF16_GRAD_NORM_TOL, BF16_LOSS_TOL, assert_same_curves, pretrain_args, read_metrics, run_cli
 
 RECIPE = "recipes/quickstart.yaml"
-
-
-def pretrain_args(corpus, run_dir, steps=10, **extra):
-    args = dict({"stages": "[pretrain]", "run_dir": run_dir, "model.preset": "debug",
-                 "pretrain.data": corpus, "pretrain.steps": steps, "pretrain.seq_len": 64,
-                 "pretrain.micro_batch_size": 2, "pretrain.global_batch_size": 4,
-                 "pretrain.lr": 1e-3, "pretrain.warmup_steps": 2, "pretrain.log_every": 1,
-                 "pretrain.save_every": 100, "logging.progress": "false"}, **extra)
-    return [RECIPE] + [f"{k}={v}" for k, v in args.items()]
 
 
 def losses(run_dir):
@@ -64,22 +54,44 @@ LAYOUTS = {  # name: (ranks, overrides)
     "tp2-sp": (2, {"parallel.tp": 2, "parallel.sp": "true"}),
     "ep2": (2, {"parallel.ep": 2}),
     "tp2-ep2": (4, {"parallel.tp": 2, "parallel.ep": 2}),
+    "tp2-expert_tp": (2, {"parallel.tp": 2, "parallel.expert_tp": "true"}),
+    # DeepSpeed's capacity-based MoE: capacity = ceil(k N / E x C) with C = E / k = 2 is N, the rank's
+    # 128 tokens, more than any expert can receive: nothing is dropped, so it equals dropless routing
+    "ep2-deepspeed-moe": (2, {"parallel.ep": 2, "parallel.moe_impl": "deepspeed",
+                              "parallel.capacity_factor": 2.0}),
 }
+FP32_TOL = 1e-6  # relative, loss and grad norm: the layouts only sum in another order
+
+BF16_STEPS = 4
+BF16_LAYOUTS = ["dp2-zero1", "dp2-zero2", "tp2-sp", "ep2", "tp2-ep2"]
 
 
 @pytest.fixture(scope="module")
-def single_process_curve(corpus, tmp_path_factory):
+def single_process(corpus, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("single")
     run_cli(*pretrain_args(corpus, run_dir, **{"parallel.zero_stage": 0}))
-    return losses(run_dir)
+    return run_dir / "pretrain"
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_trains_like_one_process(layout, corpus, tmp_path, single_process_curve):
+def test_layout_trains_like_one_process(layout, corpus, tmp_path, single_process):
     ranks, overrides = LAYOUTS[layout]
     run_cli(*pretrain_args(corpus, tmp_path, **overrides), nproc=ranks)
-    curve = losses(tmp_path)
-    assert len(curve) == len(single_process_curve) == 10
-    assert all(math.isfinite(x) for x in curve)
-    diff = max(abs(a - b) for a, b in zip(curve, single_process_curve))
-    assert diff < 1e-4, f"{layout}: {curve} vs {single_process_curve}"
+    assert_same_curves(tmp_path / "pretrain", single_process, FP32_TOL, FP32_TOL)
+
+
+@pytest.fixture(scope="module")
+def single_process_bf16(corpus, tmp_path_factory):
+    """One bf16 process (ZeRO-1 over a data-parallel group of one: bf16's fp32 master weights and Adam
+    state live in ZeRO's optimizer)."""
+    run_dir = tmp_path_factory.mktemp("single-bf16")
+    run_cli(*pretrain_args(corpus, run_dir, steps=BF16_STEPS, **{"pretrain.dtype": "bf16"}))
+    return run_dir / "pretrain"
+
+
+@pytest.mark.parametrize("layout", BF16_LAYOUTS)
+def test_bf16_layout_trains_like_one_bf16_process(layout, corpus, tmp_path, single_process_bf16):
+    ranks, overrides = LAYOUTS[layout]
+    run_cli(*pretrain_args(corpus, tmp_path, steps=BF16_STEPS, **overrides, **{"pretrain.dtype": "bf16"}),
+            nproc=ranks)
+    assert_same_curves(tmp_path / "pretrain", single_process_bf16, BF16_LOSS_TOL, BF16_GRAD_NORM_TOL)

@@ -32,9 +32,12 @@ import torch.distributed as dist
 from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
                              safe_set_full_fp32_param, safe_set_full_optimizer_state)
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from parallel.deepspeed_internals import holds_fp32_fragment, relink_optimizer_state
+from parallel.materialize import local_slice
 
 from . import distributed as D
+from .safetensors_stream import SafetensorsWriter
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -44,22 +47,6 @@ class CheckpointError(RuntimeError):
 
 
 # ---------------------------------------------------------------- slices of logical tensors
-
-def shard_specs(param) -> list[tuple[int, int, int]]:
-    spec = getattr(param, "_shard", None)
-    if spec is None:
-        return []
-    return [tuple(spec)] if isinstance(spec[0], int) else [tuple(s) for s in spec]
-
-
-def local_slice(param) -> tuple[list[int], list[int]]:
-    """(full shape, offsets) of this rank's piece of the logical tensor."""
-    full, offsets = list(param.shape), [0] * param.dim()
-    for dim, rank, world in shard_specs(param):
-        offsets[dim] = offsets[dim] * world + rank * param.shape[dim]
-        full[dim] *= world
-    return full, offsets
-
 
 def _intersect(off_a, shape_a, off_b, shape_b):
     lo = [max(a, b) for a, b in zip(off_a, off_b)]
@@ -100,11 +87,7 @@ def _ensure_optimizer_state(engine, step: int):
                                      exp_avg_sq=torch.zeros_like(p))
             else:
                 base.state[p]["step"] = torch.tensor(float(step))
-    # (Re)link ZeRO's per-parameter views of the state. DeepSpeed links them once, after stepping its
-    # first param group, so the views of later groups (here: the no-decay norms) stay empty.
-    if hasattr(engine.optimizer, "_hp_optimizer_states_linked"):
-        engine.optimizer._hp_optimizer_states_linked = False
-        engine.optimizer._lazy_init_hp_params_optimizer_state()
+    relink_optimizer_state(engine.optimizer)  # ZeRO's views of later param groups stay empty otherwise
 
 
 # ---------------------------------------------------------------- save
@@ -119,14 +102,10 @@ def save_checkpoint(root, step: int, engine, trainer_state: dict, config_yaml: s
     D.barrier()
 
     _ensure_optimizer_state(engine, step)
-    pieces = {}  # key -> (tensor, full shape, offsets)
-    for name, p in engine.module.named_parameters():
-        full, offsets = local_slice(p)
-        pieces[f"model/{name}"] = (_master(engine, p), full, offsets)
-        for key in MOMENTS:
-            pieces[f"{key}/{name}"] = (_moment(engine, p, key), full, offsets)
-
-    mine = [(k, tuple(off)) for k, (_, _, off) in pieces.items()]
+    params = list(engine.module.named_parameters())
+    kinds = ("model", *MOMENTS)
+    slices = {name: local_slice(p) for name, p in params}  # name -> (full shape, offsets)
+    mine = [(f"{kind}/{name}", tuple(slices[name][1])) for name, _ in params for kind in kinds]
     everyone = [None] * D.world_size()
     if dist.is_initialized():
         dist.all_gather_object(everyone, mine)
@@ -137,16 +116,23 @@ def save_checkpoint(root, step: int, engine, trainer_state: dict, config_yaml: s
         for item in items:
             writer.setdefault(item, r)
     fname = f"rank{D.rank():05d}.safetensors"
-    tensors, entries = {}, []
-    for key, (t, full, offsets) in pieces.items():
-        if writer[(key, tuple(offsets))] != D.rank():
-            continue
-        skey = f"{key}@{','.join(map(str, offsets))}"
-        tensors[skey] = t.contiguous()
-        entries.append(dict(tensor=key, full_shape=full, dtype=str(t.dtype).replace("torch.", ""),
-                            file=fname, key=skey, offsets=offsets, shape=list(t.shape),
-                            sha256=_sha256(t)))
-    save_file(tensors, str(tmp / fname))
+    layout = [(_slice_key(f"{kind}/{name}", slices[name][1]), list(p.shape), torch.float32) for name, p in params
+              for kind in kinds if writer[(f"{kind}/{name}", tuple(slices[name][1]))] == D.rank()]
+    entries = []
+    # one tensor at a time: ZeRO's accessors gather a parameter (a collective every rank joins), the
+    # designated writer streams it into its file, and it is freed before the next one
+    with SafetensorsWriter(tmp / fname, layout) as out:
+        for name, p in params:
+            full, offsets = slices[name]
+            for kind in kinds:
+                t = _master(engine, p) if kind == "model" else _moment(engine, p, kind)
+                key = f"{kind}/{name}"
+                if writer[(key, tuple(offsets))] != D.rank():
+                    continue
+                out.write(_slice_key(key, offsets), t)
+                entries.append(dict(tensor=key, full_shape=full, dtype="float32", file=fname,
+                                    key=_slice_key(key, offsets), offsets=offsets, shape=list(t.shape),
+                                    sha256=_sha256(t)))
     _fsync(tmp / fname)
 
     rng = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
@@ -180,6 +166,10 @@ def save_checkpoint(root, step: int, engine, trainer_state: dict, config_yaml: s
         _prune(root, keep_last, keep_every)
     D.barrier()
     return final
+
+
+def _slice_key(key: str, offsets) -> str:
+    return f"{key}@{','.join(map(str, offsets))}"
 
 
 def _write(path: Path, text: str):
@@ -229,7 +219,7 @@ class CheckpointReader:
             self.manifest = json.loads((self.path / "manifest.json").read_text())
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{self.path / 'manifest.json'}: unreadable manifest ({e})") from e
-        self._files, self._verified = {}, set()
+        self._verified = set()
 
     def names(self, kind: str = "model") -> list[str]:
         return [k[len(kind) + 1:] for k in self.manifest["tensors"] if k.startswith(kind + "/")]
@@ -240,15 +230,18 @@ class CheckpointReader:
     def full_shape(self, key: str) -> list[int]:
         return self.manifest["tensors"][key]["full_shape"]
 
-    def _slice(self, s: dict, tensor: str) -> torch.Tensor:
+    def _slice(self, s: dict, tensor: str, box: tuple) -> torch.Tensor:
+        """`box` (slices) of stored slice `s`. A whole slice is checked against its sha256 (once); a part
+        of one is read alone through safetensors' lazy slicing, unchecked (so a rank reads no more than
+        it keeps; `inspect_checkpoint --verify` checks everything)."""
         file = self.path / s["file"]
-        try:
-            if s["file"] not in self._files:
-                self._files[s["file"]] = safe_open(str(file), framework="pt")
-            t = self._files[s["file"]].get_tensor(s["key"])
+        whole = all(b.start == 0 and b.stop == n for b, n in zip(box, s["shape"]))
+        try:  # mapped for this read only: a mapping kept open keeps every page read so far resident
+            with safe_open(str(file), framework="pt") as f:
+                t = f.get_tensor(s["key"]) if whole else f.get_slice(s["key"])[box]
         except Exception as e:
             raise CheckpointError(f"{file}: cannot read tensor '{tensor}' ({e})") from e
-        if s["key"] not in self._verified:
+        if whole and s["key"] not in self._verified:
             if list(t.shape) != s["shape"] or _sha256(t) != s["sha256"]:
                 raise CheckpointError(f"{file}: tensor '{tensor}' is corrupted (checksum mismatch)")
             self._verified.add(s["key"])
@@ -268,7 +261,7 @@ class CheckpointReader:
             if box is None:
                 continue
             lo, hi = box
-            src = self._slice(s, key)[tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, s["offsets"]))]
+            src = self._slice(s, key, tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, s["offsets"])))
             out[tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, offsets))] = src
             covered += src.numel()
         if covered != out.numel():
@@ -277,6 +270,22 @@ class CheckpointReader:
 
     def trainer_state(self) -> dict:
         return json.loads((self.path / "trainer_state.json").read_text())
+
+
+class CheckpointSource:
+    """A checkpoint's fp32 master weights as a starting-weights source (parallel/materialize.py)."""
+
+    def __init__(self, path):
+        self.reader = CheckpointReader(path)
+
+    def read(self, name: str, full_shape, offsets, shape) -> torch.Tensor:
+        key = f"model/{name}"
+        if not self.reader.has(key):
+            raise CheckpointError(f"{self.reader.path}: checkpoint has no tensor '{key}'")
+        if self.reader.full_shape(key) != list(full_shape):
+            raise CheckpointError(f"{self.reader.path}: tensor '{key}' has shape {self.reader.full_shape(key)}, "
+                                  f"the model expects {list(full_shape)}")
+        return self.reader.read(key, list(offsets), list(shape))
 
 
 def scheduler_state_for(scheduler: dict, groups: int) -> dict:
@@ -326,7 +335,7 @@ def load_checkpoint(path, engine, load_optimizer: bool = True) -> dict:
             if not reader.has(f"{key}/{name}"):
                 continue
             value = reader.read(f"{key}/{name}", offsets, list(p.shape)).to(p.device)
-            if hasattr(p, "_hp_mapping"):
+            if holds_fp32_fragment(p):
                 safe_set_full_optimizer_state(p, value, key)
             else:
                 _base_optimizer(engine).state[p][key].copy_(value)

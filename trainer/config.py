@@ -29,7 +29,7 @@ class ParallelConfig:
     zero_stage: int = 1  # DeepSpeed ZeRO stage over the data-parallel group: 0, 1 or 2
     moe_impl: str = "dropless"  # dropless (grouped GEMM, all-to-all) | deepspeed (classic, capacity)
     capacity_factor: float = 1.0  # moe_impl=deepspeed only
-    activation_checkpointing: str = "none"  # none | full | selective (every other layer)
+    activation_checkpointing: str = "none"  # none | full (whole blocks) | selective (op-level, parallel/parallelize.py)
 
 
 @dataclass
@@ -56,7 +56,7 @@ class TrainConfig:
     keep_every: int = 0  # ... plus every K-th step (0: none)
     log_every: int = 10
     eval_every: int = 0  # steps between held-out evaluations (0: only at the end, if there is a split)
-    eval_batches: int = 4  # micro-batches per rank per evaluation (0: the whole held-out split)
+    eval_batches: int = 4  # held-out rows per evaluation: eval_batches x micro_batch_size, any layout (0: all)
     stop_after: Optional[int] = None  # leave after this step as if interrupted (tests, time budgets)
 
 
@@ -70,11 +70,20 @@ class TokenizeStage:
 @dataclass
 class PretrainStage(TrainConfig):
     data: str = "${tokenize.output}"  # indexed dataset prefix
+    valid_fraction: float = 0.0  # documents held out for eval/loss (every eval_every steps and at the end)
     output: str = "${run_dir}/pretrain"
 
 
 @dataclass
-class SFTStage(TrainConfig):
+class AnswerEvalConfig:
+    """Greedy answers to held-out chat prompts at every evaluation (trainer.generation)."""
+    eval_prompts: Optional[str] = None  # chat jsonl (last answers = references); sft: held_out (its split)
+    eval_prompts_limit: int = 0  # prompts per evaluation (0: all)
+    eval_max_new_tokens: int = 64  # longest answer generated
+
+
+@dataclass
+class SFTStage(AnswerEvalConfig, TrainConfig):
     data: str = MISSING  # jsonl of {"messages": [{"role", "content"}, ...]}
     valid_fraction: float = 0.05  # held-out conversations for loss and token accuracy
     skip_bad_records: bool = False  # count and skip malformed records instead of failing
@@ -85,7 +94,7 @@ class SFTStage(TrainConfig):
 
 
 @dataclass
-class DPOStage(TrainConfig):
+class DPOStage(AnswerEvalConfig, TrainConfig):
     data: str = MISSING  # jsonl of {"prompt", "chosen", "rejected"}
     skip_bad_records: bool = False
     init: Optional[str] = "${sft.output}"
@@ -94,6 +103,7 @@ class DPOStage(TrainConfig):
     loss: str = "sigmoid"  # sigmoid | ipo | hinge | robust
     label_smoothing: float = 0.0  # sigmoid and robust only
     reference: str = "precompute"  # precompute (one pass before training) | copy (frozen model copy)
+    rpo_alpha: float = 0.0  # + rpo_alpha x chosen answer's NLL per token (RPO, TRL's rpo_alpha)
     lr: float = 5e-6
     warmup_steps: int = 2
 
@@ -220,12 +230,30 @@ def validate(cfg: DictConfig) -> None:
     if p.moe_impl == "deepspeed" and p.tp > 1:
         raise ConfigError(f"parallel.moe_impl=deepspeed with parallel.tp={p.tp}: DeepSpeed's classic MoE splits "
                           "expert capacity over tp and never sums the partial expert gradients; use dropless")
+    for stage in ("pretrain", "sft"):
+        if stage in cfg.stages and not 0 <= cfg[stage].valid_fraction < 1:
+            raise ConfigError(f"{stage}.valid_fraction must be in [0, 1), got {cfg[stage].valid_fraction}")
     for stage in ("pretrain", "sft", "dpo"):
         if stage in cfg.stages and cfg[stage].dtype not in ("fp32", "bf16"):
             raise ConfigError(f"{stage}.dtype must be fp32 or bf16, got {cfg[stage].dtype!r}")
         if stage in cfg.stages and cfg[stage].dtype == "bf16" and p.zero_stage == 0:
             raise ConfigError(f"{stage}.dtype=bf16 needs parallel.zero_stage 1 or 2 (DeepSpeed's stage-0 bf16 "
                               "optimizer keeps its fp32 state where checkpoints cannot read it)")
+    for stage in ("sft", "dpo"):
+        if stage in cfg.stages:
+            _validate_answer_eval(cfg[stage], stage)
+    if "dpo" in cfg.stages and cfg.dpo.rpo_alpha < 0:
+        raise ConfigError(f"dpo.rpo_alpha must be >= 0, got {cfg.dpo.rpo_alpha}")
+
+
+def _validate_answer_eval(scfg: DictConfig, stage: str) -> None:
+    if scfg.eval_prompts == "held_out" and stage == "dpo":
+        raise ConfigError("dpo.eval_prompts=held_out: DPO holds out no conversations; give a chat jsonl")
+    if scfg.eval_prompts not in (None, "held_out") and not Path(scfg.eval_prompts).is_file():
+        raise ConfigError(f"{stage}.eval_prompts: no such file: {scfg.eval_prompts}")
+    if scfg.eval_max_new_tokens < 1 or scfg.eval_prompts_limit < 0:
+        raise ConfigError(f"{stage}.eval_max_new_tokens must be >= 1 and {stage}.eval_prompts_limit >= 0, "
+                          f"got {scfg.eval_max_new_tokens} and {scfg.eval_prompts_limit}")
 
 
 def _missing_keys(node: DictConfig, prefix: str):

@@ -11,8 +11,10 @@ Reference (dpo.reference):
               dpo.init and freed afterwards (one model in memory while training); saved to
               <output>/reference_logps.safetensors so that a resumed run reuses them
   copy        that frozen model is kept and run next to the policy on every micro-batch
-Both are the same numbers. Evaluation (every eval_every steps and at the end): loss, rewards, reward
-accuracy and margin over all training pairs (eval_batches caps the micro-batches per rank).
+Both are the same numbers. dpo.rpo_alpha adds the chosen answers' NLL (trainer.dpo_loss). Evaluation
+(every eval_every steps and at the end): loss, rewards, reward accuracy and margin over all training
+pairs (the first eval_batches x micro_batch_size of them), and eval/exact_match of the greedy answers to
+eval_prompts when set (trainer.generation).
 """
 
 import hashlib
@@ -29,10 +31,10 @@ from data.preference import collate_pairs, load_pairs, truncate_pairs
 from data.readers import DataError
 from data.stream import EpochShuffle, StepSchedule
 from parallel.cross_entropy import vocab_parallel_log_probs
-from parallel.parallelize import parallelize
 
 from . import distributed as D
 from .dpo_loss import dpo_loss, sequence_log_probs
+from .generation import AnswerEval, load_prompts
 from .tasks import accumulation_steps, eval_batches, router_log, router_loss, sum_over_dp, to_device
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin")
@@ -62,24 +64,27 @@ def build_reference(scfg, cfg, model_cfg, layout):
     """The frozen reference: the stage's starting weights, parallelized like the policy."""
     from .engine import build_model
 
-    model = build_model(model_cfg, scfg.init, scfg.seed).requires_grad_(False)
-    parallelize(model, layout, OmegaConf.merge(cfg.parallel, {"activation_checkpointing": "none"}))
+    model = build_model(model_cfg, scfg.init, scfg.seed, layout,
+                        OmegaConf.merge(cfg.parallel, {"activation_checkpointing": "none"})).requires_grad_(False)
     dtype = torch.bfloat16 if scfg.dtype == "bf16" else torch.float32
     return model.to(D.device(), dtype).eval()
 
 
 class DPOTask:
-    counts_all_tokens = False
-
     def __init__(self, scfg, cfg, model_cfg, layout):
         self.scfg, self.model_cfg, self.layout = scfg, model_cfg, layout
-        pairs, skipped = load_pairs(scfg.data, instruct_tokenizer(cfg.tokenizer), scfg.skip_bad_records)
+        tokenizer = instruct_tokenizer(cfg.tokenizer)
+        pairs, skipped = load_pairs(scfg.data, tokenizer, scfg.skip_bad_records)
         if not pairs:
             raise DataError(f"{scfg.data}: no preference pair to train on")
         self.pairs, cut = truncate_pairs(pairs, scfg.seq_len, min(64, scfg.seq_len))
         self.order = EpochShuffle(len(self.pairs), scfg.seed)
         self.schedule = StepSchedule(scfg.micro_batch_size, layout.dp_rank, layout.dp,
                                      accumulation_steps(scfg, layout))
+        prompts = load_prompts(scfg.eval_prompts, tokenizer, scfg.eval_prompts_limit) \
+            if scfg.eval_prompts else []
+        self.answer_eval = AnswerEval(prompts, tokenizer, scfg.eval_max_new_tokens, scfg.micro_batch_size,
+                                      scfg.output)
         self.reference, self.reference_logps = None, None
         if scfg.reference == "copy":
             self.reference = build_reference(scfg, cfg, model_cfg, layout)
@@ -149,7 +154,7 @@ class DPOTask:
         (ref_chosen, ref_rejected), (n_chosen, n_rejected) = self._reference(batch), answer_tokens.chunk(2)
         s = self.scfg
         return dpo_loss(*policy.chunk(2), ref_chosen, ref_rejected, s.beta, s.loss, s.label_smoothing,
-                        n_chosen, n_rejected)
+                        n_chosen, n_rejected, s.rpo_alpha)
 
     @staticmethod
     def _sums(losses, chosen, rejected, weight) -> list[float]:
@@ -179,9 +184,11 @@ class DPOTask:
                 weight = torch.tensor([float(i is not None) for i in indices], device=policy.device)
                 sums = self._sums(*self._pair_losses(policy, batch), weight)
                 totals = [a + b for a, b in zip(totals, sums)]
+            answers = self.answer_eval(engine, layout, engine.global_steps) \
+                if self.answer_eval.prompts else {}
         engine.train()
         totals = sum_over_dp(totals, layout)
-        return {f"eval/{k}": v / totals[-1] for k, v in zip(METRICS, totals)}
+        return {**{f"eval/{k}": v / totals[-1] for k, v in zip(METRICS, totals)}, **answers}
 
     def state_dict(self):
         return self.schedule.state_dict(pairs=len(self.pairs), seed=self.scfg.seed)

@@ -12,6 +12,10 @@ and eps = label_smoothing, the per-pair losses (TRL's DPOTrainer, trl 1.16, unle
   hinge    relu(1 - beta h)  (SLiC, Zhao et al. 2023)
   ipo      (h_avg - 1 / (2 beta))^2  (Azar et al. 2023, Eq. 17, beta = tau), where h_avg uses the log-ratios
            divided by the answer token counts: (pc - rc) / n_chosen - (pr - rr) / n_rejected, as TRL does
+RPO (rpo_alpha > 0, any loss type): + rpo_alpha * (-policy_chosen / n_chosen), the chosen answer's
+negative log-likelihood per token (Pang et al. 2024, "Iterative Reasoning Preference Optimization",
+Eq. 2; TRL's rpo_alpha averages it over the batch's chosen tokens instead, which ties it to the batch
+layout): DPO alone may lower the chosen answers' likelihood as long as the rejected ones fall faster.
 Rewards (every loss type): chosen_rewards = beta (policy_chosen - ref_chosen), rejected_rewards =
 beta (policy_rejected - ref_rejected), detached. Metrics are batch means; under data parallelism
 average them over ranks (they are means of per-pair values: equal batch sizes average exactly).
@@ -33,9 +37,9 @@ def sequence_log_probs(token_log_probs: torch.Tensor, labels_mask: torch.Tensor)
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
              ref_rejected: torch.Tensor, beta: float, loss_type: str = "sigmoid",
              label_smoothing: float = 0.0, chosen_lengths: torch.Tensor | None = None,
-             rejected_lengths: torch.Tensor | None = None):
+             rejected_lengths: torch.Tensor | None = None, rpo_alpha: float = 0.0):
     """-> (losses (B,), chosen_rewards (B,), rejected_rewards (B,)); formulas in the module docstring.
-    chosen_lengths / rejected_lengths: (B,) answer token counts, required by "ipo" only."""
+    chosen_lengths / rejected_lengths: (B,) answer token counts, required by "ipo" and by rpo_alpha > 0."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type: unknown {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
     if beta <= 0:
@@ -43,6 +47,10 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     if label_smoothing and loss_type not in ("sigmoid", "robust"):
         raise ValueError(f"label_smoothing ({label_smoothing}) applies to the sigmoid and robust losses "
                          f"only, not {loss_type!r}")
+    if rpo_alpha < 0:
+        raise ValueError(f"rpo_alpha must be >= 0, got {rpo_alpha}")
+    if rpo_alpha and chosen_lengths is None:
+        raise ValueError("rpo_alpha > 0 needs chosen_lengths (answer token counts)")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
     chosen_logratios = policy_chosen - ref_chosen
@@ -62,6 +70,8 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
         h_avg = (chosen_logratios / chosen_lengths.clamp(min=1)
                  - rejected_logratios / rejected_lengths.clamp(min=1))
         losses = (h_avg - 1 / (2 * beta)) ** 2
+    if rpo_alpha:
+        losses = losses - rpo_alpha * policy_chosen / chosen_lengths.clamp(min=1)
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 

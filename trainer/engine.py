@@ -1,8 +1,9 @@
 """Model + optimizer + DeepSpeed engine for one training stage.
 
-Order (torchtitan's): build the single-device model, load its starting weights, parallelize it
-(tensor/sequence/expert parallelism, activation checkpointing), then hand it to DeepSpeed for ZeRO
-data parallelism, bf16 with fp32 master weights, gradient accumulation and clipping.
+Order (torchtitan's): build the single-device model on the meta device, parallelize it there
+(tensor/sequence/expert parallelism, activation checkpointing), materialize only this rank's shards
+from the starting weights, then hand it to DeepSpeed for ZeRO data parallelism, bf16 with fp32
+master weights, gradient accumulation and clipping.
 """
 
 import math
@@ -12,11 +13,14 @@ import torch
 from omegaconf import DictConfig
 
 from model import Mixtral, ModelConfig
-from model.hf import import_hf, model_config_from_hf
+from model.hf import HFFolder, model_config_from_hf
+from model.init import RandomInit
 from parallel.layout import Layout
+from parallel.materialize import materialize
 from parallel.parallelize import parallelize
 
-from .checkpoint import CheckpointReader, latest_checkpoint
+from .checkpoint import CheckpointSource, latest_checkpoint
+from .distributed import device
 from .tasks import accumulation_steps
 
 
@@ -45,20 +49,29 @@ def model_config_for(mcfg: ModelConfig, init) -> ModelConfig:
     return mcfg
 
 
-def build_model(mcfg: ModelConfig, init, seed: int) -> Mixtral:
-    """Single-device model with its starting weights (random with `seed`, or from `init`)."""
-    model = Mixtral(mcfg)
+def starting_source(mcfg: ModelConfig, init, seed: int):
+    """Where the starting weights come from: random (per-block init with `seed`), an HF folder or one
+    of our checkpoints; each answers read(name, full_shape, offsets, shape) for any box (model/init.py)."""
     kind, path = starting_point(init)
     if kind is None:
-        model.init_weights(seed)
-    elif kind == "hf":
-        _, state = import_hf(path)
-        model.load_state_dict(state, strict=True)
-    else:
-        reader = CheckpointReader(path)
-        state = {name: reader.read(f"model/{name}") for name in reader.names("model")}
-        model.load_state_dict(state, strict=True)
-    return model
+        return RandomInit(mcfg.init_std, seed)
+    return HFFolder(path) if kind == "hf" else CheckpointSource(path)
+
+
+def build_model(mcfg: ModelConfig, init, seed: int, layout: Layout, pcfg,
+                dtype: torch.dtype = torch.float32) -> Mixtral:
+    """This rank's parallelized model with its starting weights (random with `seed`, or from `init`).
+
+    Built on the meta device, parallelized there (slicing meta tensors costs nothing), then each
+    parameter is allocated on the device in `dtype` and filled with only the box of the logical tensor
+    this rank holds (parallel/materialize.py): no rank ever holds the whole model. bf16 training
+    materializes in bf16 directly: DeepSpeed casts the model to bf16 and derives its fp32 master
+    weights from those, so the result is the same and no fp32 copy passes through memory."""
+    source = starting_source(mcfg, init, seed)
+    with torch.device("meta"):
+        model = Mixtral(mcfg)
+    parallelize(model, layout, pcfg)
+    return materialize(model, source, device(), dtype)
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
@@ -98,14 +111,11 @@ def deepspeed_config(scfg: DictConfig, layout: Layout, zero_stage: int) -> dict:
 
 
 def build_engine(model: Mixtral, scfg: DictConfig, pcfg: DictConfig, layout: Layout):
-    """parallelize -> AdamW + warmup/cosine -> deepspeed.initialize. Returns the DeepSpeed engine."""
+    """AdamW + warmup/cosine -> deepspeed.initialize for a model from build_model (parallelized, on
+    its device). Returns the DeepSpeed engine."""
     import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-    from .distributed import device
-
-    parallelize(model, layout, pcfg)
-    model.to(device())
     groups = split_params_into_different_moe_groups_for_optimizer(
         param_groups(model, scfg.weight_decay))
     optimizer = torch.optim.AdamW(groups, lr=scfg.lr, betas=(scfg.beta1, scfg.beta2), eps=scfg.eps)
@@ -120,11 +130,33 @@ def build_engine(model: Mixtral, scfg: DictConfig, pcfg: DictConfig, layout: Lay
 
 
 def keep_fp32_grad_norm(engine):
-    """DeepSpeed's fp32 ZeRO-0 path clips with runtime.utils.clip_grad_norm_ (tensor-parallel aware
-    through the mpu) but drops the norm it computes; this keeps it for get_global_grad_norm()."""
-    from deepspeed.runtime.utils import clip_grad_norm_
+    """DeepSpeed's fp32 ZeRO-0 step clips with runtime.utils.clip_grad_norm_, which drops the norm it
+    computes and sums fp32 per-tensor norms: torch's fp32 vector_norm on the CPU is off by ~6e-5
+    relative on a 3 M-element tensor (the debug preset's embedding), so one process reported a norm
+    that no other layout did. This clips with global_grad_norm (fp64, as ZeRO-1/2 compute it) and keeps
+    the norm for get_global_grad_norm()."""
+    from parallel.deepspeed_internals import replace_fp32_clipping
 
-    def clip_fp32_gradients():
-        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
-                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
-    engine.clip_fp32_gradients = clip_fp32_gradients
+    def clip_and_norm():
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        norm = global_grad_norm(params, engine.mpu)
+        coef = torch.clamp(engine.gradient_clipping() / (norm + 1e-6), max=1.0)
+        for p in params:
+            p.grad.mul_(coef.to(p.grad.dtype))
+        return norm
+    replace_fp32_clipping(engine, clip_and_norm)
+
+
+def global_grad_norm(params, mpu) -> torch.Tensor:
+    """L2 norm of the gradients of the whole (single-device) model, in fp64: tensor-parallel shards
+    (p.tensor_model_parallel) count on every tp rank, parameters every tp rank holds whole on tp rank 0
+    only; the squares are summed over the tp group. For ZeRO 0, where every data-parallel rank holds
+    the same reduced gradients (expert parallelism needs ZeRO 1/2, trainer/config.py)."""
+    tp_rank = mpu.get_tensor_model_parallel_rank() if mpu is not None else 0
+    square = torch.zeros((), dtype=torch.float64, device=params[0].device if params else None)
+    for p in params:
+        if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
+            square += p.grad.detach().double().square().sum()
+    if mpu is not None and mpu.get_tensor_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(square, group=mpu.get_tensor_model_parallel_group())
+    return square.sqrt()

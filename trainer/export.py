@@ -2,6 +2,9 @@
 
     python -m trainer.export runs/quickstart/pretrain runs/quickstart/hf [--dtype bf16]
 
+Streams: one Hub tensor at a time is read from the stored slices (an expert's row only) into the
+size-bounded shard being filled, so the peak host memory is about one output shard plus one tensor.
+
 The sample prompt (optional) is generated from with transformers after the export: as plain text for a
 pretrained checkpoint, as a user turn in the Mistral instruct format (mistral-common) for an SFT or DPO
 checkpoint.
@@ -16,7 +19,7 @@ from omegaconf import OmegaConf
 from model import ModelConfig
 from model.hf import export_hf
 
-from .checkpoint import CheckpointError, CheckpointReader, latest_checkpoint
+from .checkpoint import CheckpointError, CheckpointSource, latest_checkpoint
 
 
 def resolve_checkpoint(path) -> Path:
@@ -31,13 +34,12 @@ def resolve_checkpoint(path) -> Path:
 
 
 def read_model(path):
-    """(ModelConfig, full unsharded state dict, resolved config) of a checkpoint."""
+    """(ModelConfig, source of its weights, resolved config) of a checkpoint. The source reads boxes
+    of the stored slices on demand: export streams tensor by tensor (model.hf.export_hf)."""
     ckpt = resolve_checkpoint(path)
     cfg = OmegaConf.load(ckpt / "config.yaml")
     mcfg = ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True))
-    reader = CheckpointReader(ckpt)
-    state = {name: reader.read(f"model/{name}") for name in reader.names("model")}
-    return mcfg, state, cfg
+    return mcfg, CheckpointSource(ckpt), cfg
 
 
 def export_checkpoint(checkpoint, out_dir, tokenizer=None, dtype="bf16", max_shard_size="2GB",
@@ -46,10 +48,10 @@ def export_checkpoint(checkpoint, out_dir, tokenizer=None, dtype="bf16", max_sha
 
     from data.tokenizer import load_tokenizer
 
-    mcfg, state, cfg = read_model(checkpoint)
+    mcfg, source, cfg = read_model(checkpoint)
     tok = load_tokenizer(tokenizer or cfg.tokenizer)
-    out = export_hf(state, mcfg, out_dir, tokenizer=tok, max_shard_size=max_shard_size,
-                    dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+    export_hf(source, mcfg, out_dir, tokenizer=tok, max_shard_size=max_shard_size,
+              dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
     ckpt = resolve_checkpoint(checkpoint)
     print(f"[export] {ckpt} -> {out_dir}", flush=True)
     if sample_prompt:

@@ -67,10 +67,12 @@ def train(stage: str, scfg: DictConfig, cfg: DictConfig, engine, task, layout, m
     while step < stop_at:
         t0 = time.perf_counter()
         batches = [task.next_batch() for _ in range(gas)]
-        n_tokens = torch.tensor([float(sum(task.num_loss_tokens(b) for b in batches))], device=D.device())
+        counts = torch.tensor([float(sum(task.num_loss_tokens(b) for b in batches)),
+                               float(sum(b["tokens"].numel() for b in batches))], device=D.device())
         if dist.is_initialized() and layout.dp > 1:
-            dist.all_reduce(n_tokens, group=layout.dp_group)
-        scale = layout.dp * gas / n_tokens.item()
+            dist.all_reduce(counts, group=layout.dp_group)
+        loss_tokens, processed = counts.tolist()  # processed: every position run, padding included (MFU's basis)
+        scale = layout.dp * gas / loss_tokens
         sums = {}
         for batch in batches:
             loss, metrics = task.loss(engine, batch, scale)
@@ -82,7 +84,7 @@ def train(stage: str, scfg: DictConfig, cfg: DictConfig, engine, task, layout, m
         last = task.reduce_metrics(sums, layout)
         last.update(lr=engine.get_lr()[0], grad_norm=_grad_norm(engine),
                     step_time=time.perf_counter() - t0)
-        logger.log(step, last, tokens=n_tokens.item() if task.counts_all_tokens else None)
+        logger.log(step, last, tokens=processed)
         if (scfg.eval_every and step % scfg.eval_every == 0) or step == scfg.steps:
             evaluated = task.evaluate(engine, layout)  # held-out metrics, and always after the last step
             if evaluated:

@@ -13,8 +13,9 @@ context and allocator fragmentation come on top: --headroom keeps a share of the
 - optimizer: Adam m and v in fp32, plus DeepSpeed's fp32 master copy (ZeRO >= 1 always keeps one,
   bf16 always needs one), divided over dp (dense) and dp / ep (experts) for ZeRO >= 1.
 - gradients: the model's (partitioned for ZeRO 2) and DeepSpeed's fp32 ones of what the rank steps,
-  plus DeepSpeed's ZeRO 1/2 gradient bucket (reduce_bucket_size elements, from trainer.engine's
-  DeepSpeed config: 500 M, i.e. 1.9 GB in fp32, unless it sets one), alive from backward to step.
+  plus DeepSpeed's ZeRO 1/2 gradient bucket (reduce_bucket_size elements from trainer.engine's
+  DeepSpeed config, DeepSpeed's default 500 M if it sets none; at most the rank's parameters),
+  alive from backward to step.
 - activations: what autograd saves per token and layer (counted term by term in
   activation_bytes_per_token), times the layers not recomputed, plus the LM head + loss peak (chunked
   with model.loss.fused_linear_cross_entropy, or whole (N, V) fp32 logits and their softmax).
@@ -66,6 +67,19 @@ def activation_bytes_per_token(cfg: ModelConfig, tp: int = 1, sp: bool = False, 
     return (norms + router + experts) * rep + attention + mask
 
 
+def selective_bytes_per_token(cfg: ModelConfig, tp: int = 1, sp: bool = False, expert_tp: bool = False,
+                              dtype: str = "fp32") -> float:
+    """What a block keeps per token under selective checkpointing (parallel/parallelize.py): its input
+    and the outputs of its matmuls and attention: q, k, v projections, attention output and fp32
+    logsumexp, wo's output, the fp32 router logits, top_k x (w1, w3, w2 outputs)."""
+    b = 2 if dtype == "bf16" else 4
+    rep = 1 / tp if sp else 1
+    q, kv = cfg.num_heads * cfg.head_size / tp, cfg.num_kv_heads * cfg.head_size / tp
+    F = cfg.expert_dim / (tp if expert_tp else 1)
+    attention = (2 * q + 2 * kv) * b + 4 * cfg.num_heads / tp
+    return attention + (2 * cfg.dim * b + 4 * cfg.num_experts + cfg.top_k * (2 * F + cfg.dim) * b) * rep
+
+
 def norm_bytes(dim: int, dtype: str) -> float:
     """One RMSNorm's saved tensors per token: input (fp32 copy in bf16), normed, scaled output."""
     return dim * (4 + 2 + 2) if dtype == "bf16" else dim * 3 * 4
@@ -86,9 +100,8 @@ def plan(cfg: ModelConfig, tp: int = 1, ep: int = 1, dp: int = 1, zero_stage: in
         raise ValueError(f"plan: zero_stage must be 0, 1 or 2, got {zero_stage}")
     if dtype not in ("fp32", "bf16"):
         raise ValueError(f"plan: dtype must be fp32 or bf16, got {dtype!r}")
-    checkpointed = {"none": 0, "full": cfg.num_layers, "selective": (cfg.num_layers + 1) // 2}
-    if activation_checkpointing not in checkpointed:
-        raise ValueError(f"plan: activation_checkpointing must be one of {sorted(checkpointed)}, "
+    if activation_checkpointing not in ("none", "full", "selective"):
+        raise ValueError("plan: activation_checkpointing must be one of none, full, selective, "
                          f"got {activation_checkpointing!r}")
     b = 2 if dtype == "bf16" else 4
     local = local_params(cfg, tp, ep, expert_tp)
@@ -102,15 +115,19 @@ def plan(cfg: ModelConfig, tp: int = 1, ep: int = 1, dp: int = 1, zero_stage: in
     # the model's gradients (freed into partitions by ZeRO 2), plus DeepSpeed's fp32 gradients of
     # what this rank steps (ZeRO >= 1, or bf16) and its gradient bucket (ZeRO 1/2) while it steps
     grads = b * (n_part if zero_stage == 2 else n_local) + (4 * n_part if master else 0)
-    bucket = 0 if zero_stage == 0 else reduce_bucket_size * (2 if zero_stage == 2 and dtype == "bf16" else 4)
+    # a bucket holds at most what there is to reduce: measured peaks of models smaller than the bucket
+    # (tests/test_plan.py, bf16 ZeRO 1 and 2 at tp 2 and ep 2) show no full-size buffer
+    bucket = 0 if zero_stage == 0 else \
+        min(reduce_bucket_size, n_local) * (2 if zero_stage == 2 and dtype == "bf16" else 4)
     step_temp = 4 * n_part  # foreach Adam: one fp32 temporary the size of what it steps
 
     tokens = micro_batch * seq_len
     per_layer = tokens * activation_bytes_per_token(cfg, tp, sp, expert_tp, dtype, document_mask, seq_len)
-    n_ckpt = checkpointed[activation_checkpointing]
-    layer_inputs = tokens / (tp if sp else 1) * cfg.dim * b  # all a recomputed block keeps
-    activations = ((cfg.num_layers - n_ckpt) * per_layer + n_ckpt * layer_inputs
-                   + (per_layer if n_ckpt else 0)  # one block recomputed during backward
+    kept = {"none": per_layer,  # what each block keeps until its backward
+            "full": tokens / (tp if sp else 1) * cfg.dim * b,  # its input only
+            "selective": tokens * selective_bytes_per_token(cfg, tp, sp, expert_tp, dtype)}[activation_checkpointing]
+    activations = (cfg.num_layers * kept
+                   + (per_layer if activation_checkpointing != "none" else 0)  # the block being recomputed
                    + tokens / (tp if sp else 1) * norm_bytes(cfg.dim, dtype))  # the final norm
 
     vocab = cfg.vocab_size / tp

@@ -6,7 +6,9 @@ seed) into rows of seq_len, attention never crossing conversations. The steps ta
 pretraining stream's grouping (data.stream.StepSchedule), a new row order every epoch, so any layout
 sees the same micro-batches. The loss is normalised by the step's assistant tokens. Held out:
 valid_fraction of the conversations, reported as eval/loss and eval/token_accuracy (the target is the
-arg-max of the vocabulary-parallel logits) every eval_every steps and at the end.
+arg-max of the vocabulary-parallel logits) every eval_every steps and at the end, with eval/exact_match
+of the greedy answers to eval_prompts (a chat jsonl, or held_out: the held-out conversations' last
+answers; trainer.generation).
 """
 
 import numpy as np
@@ -18,6 +20,7 @@ from data.stream import EpochShuffle, StepSchedule
 from parallel.cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_top1
 
 from . import distributed as D
+from .generation import AnswerEval, load_prompts, prompts_of
 from .tasks import PretrainTask, accumulation_steps, eval_batches, sum_over_dp, to_device
 
 
@@ -35,16 +38,18 @@ def rows_of(packed, indices) -> dict:
 
 
 class SFTTask(PretrainTask):
-    counts_all_tokens = False  # tokens/s would count prompts and padding: not logged
-
     def __init__(self, scfg, cfg, model_cfg, layout):
         self.scfg, self.model_cfg, self.layout = scfg, model_cfg, layout
-        conversations, skipped = load_conversations(scfg.data, instruct_tokenizer(cfg.tokenizer),
-                                                     scfg.skip_bad_records)
+        tokenizer = instruct_tokenizer(cfg.tokenizer)
+        conversations, skipped = load_conversations(scfg.data, tokenizer, scfg.skip_bad_records)
         train, valid = split_train_valid(conversations, scfg.valid_fraction, scfg.seed)
         shuffled = [train[i] for i in np.random.default_rng(scfg.seed).permutation(len(train))]
         self.rows = pack_conversations(shuffled, scfg.seq_len)
         self.valid = pack_conversations(valid, scfg.seq_len)
+        prompts = [] if scfg.eval_prompts is None else prompts_of(valid) if scfg.eval_prompts == "held_out" \
+            else load_prompts(scfg.eval_prompts, tokenizer)
+        self.answer_eval = AnswerEval(prompts[:scfg.eval_prompts_limit or None], tokenizer,
+                                      scfg.eval_max_new_tokens, scfg.micro_batch_size, scfg.output)
         if not len(self.rows.tokens):
             raise DataError(f"{scfg.data}: no training conversation keeps an answer token within "
                             f"sft.seq_len={scfg.seq_len}")
@@ -61,8 +66,11 @@ class SFTTask(PretrainTask):
         return to_device(rows_of(self.rows, [self.order(g) for g in self.schedule.next_rows()]))
 
     def evaluate(self, engine, layout) -> dict:
+        engine.eval()
+        answers = self.answer_eval(engine, layout, engine.global_steps) if self.answer_eval.prompts else {}
+        engine.train()
         if not len(self.valid.tokens):
-            return {}
+            return answers
         loss_sum = correct = tokens = 0.0
         engine.eval()
         with torch.no_grad():
@@ -76,7 +84,7 @@ class SFTTask(PretrainTask):
                 tokens += (labels != IGNORE_INDEX).sum().item()
         engine.train()
         loss_sum, correct, tokens = sum_over_dp([loss_sum, correct, tokens], layout)
-        return {"eval/loss": loss_sum / tokens, "eval/token_accuracy": correct / tokens}
+        return {"eval/loss": loss_sum / tokens, "eval/token_accuracy": correct / tokens, **answers}
 
     def state_dict(self):
         return self.schedule.state_dict(rows=len(self.rows.tokens), seed=self.scfg.seed)

@@ -9,6 +9,7 @@ import json
 import time
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import distributed as D
@@ -72,7 +73,10 @@ def run_training(stage: str, cfg: DictConfig) -> bool:
     cfg.model = OmegaConf.structured(mcfg)  # the shape actually trained (an HF init may set it)
     layout = Layout.build(cfg.parallel, mcfg, scfg, D.world_size(), D.rank())
     resuming = latest_checkpoint(out / "checkpoints") is not None
-    model = build_model(mcfg, None if resuming else scfg.init, scfg.seed)
+    # a resumed run materializes from its own checkpoint directly (no random init first)
+    init = str(latest_checkpoint(out / "checkpoints")) if resuming else scfg.init
+    model = build_model(mcfg, init, scfg.seed, layout, cfg.parallel,
+                        torch.bfloat16 if scfg.dtype == "bf16" else torch.float32)
     engine = build_engine(model, scfg, cfg.parallel, layout)
     task = make_task(stage, scfg, cfg, mcfg, layout)
     if D.is_main():

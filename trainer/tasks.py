@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from data.indexed import IndexedDataset
-from data.stream import PackedStream
+from data.stream import PackedStream, split_documents
 from model import load_balancing_loss, router_z_loss
 from model.loss import fused_linear_cross_entropy
 from parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -75,17 +75,17 @@ def accumulation_steps(scfg, layout) -> int:
 
 
 def eval_batches(num_items: int, micro_batch_size: int, layout, limit: int = 0) -> list[list]:
-    """This data-parallel rank's share of `num_items` held-out items, as micro-batches of item indices.
+    """This data-parallel rank's share of the first min(num_items, limit * micro_batch_size) held-out
+    items (all of them when limit is 0: the same items at any layout), as micro-batches of item indices.
     Items are dealt round-robin over the dp ranks; the last micro-batches are padded with None so that
     every rank runs the same number of forward passes (the model's collectives, such as the expert-
-    parallel all-to-all, need every rank). limit > 0 caps the micro-batches per rank."""
-    per_round = micro_batch_size * layout.dp
-    rounds = math.ceil(num_items / per_round)
+    parallel all-to-all, need every rank)."""
     if limit:
-        rounds = min(rounds, limit)
+        num_items = min(num_items, limit * micro_batch_size)
+    per_round = micro_batch_size * layout.dp
     return [[i if i < num_items else None
              for i in range(r * per_round + layout.dp_rank, (r + 1) * per_round, layout.dp)]
-            for r in range(rounds)]
+            for r in range(math.ceil(num_items / per_round))]
 
 
 def sum_over_dp(values: list[float], layout) -> list[float]:
@@ -96,13 +96,19 @@ def sum_over_dp(values: list[float], layout) -> list[float]:
 
 
 class PretrainTask:
-    counts_all_tokens = True  # every position is a loss token: tokens/s counts them all
+    """Next-token loss on the packed stream; `valid_fraction` of the documents are held out, and the
+    first rows of their own stream (epoch 0's order) give eval/loss."""
 
     def __init__(self, scfg, model_cfg, layout):
-        self.model_cfg, self.layout = model_cfg, layout
-        self.stream = PackedStream(IndexedDataset(scfg.data), scfg.seq_len, scfg.micro_batch_size,
+        self.scfg, self.model_cfg, self.layout = scfg, model_cfg, layout
+        dataset = IndexedDataset(scfg.data)
+        train, valid = split_documents(len(dataset), scfg.valid_fraction, scfg.seed)
+        self.stream = PackedStream(dataset, scfg.seq_len, scfg.micro_batch_size,
                                    scfg.seed, dp_rank=layout.dp_rank, dp_size=layout.dp,
-                                   accumulation=accumulation_steps(scfg, layout))
+                                   accumulation=accumulation_steps(scfg, layout),
+                                   documents=None if not len(valid) else train)
+        self.valid = PackedStream(dataset, scfg.seq_len, scfg.micro_batch_size, scfg.seed,
+                                  documents=valid) if len(valid) else None
 
     def next_batch(self):
         return to_device(self.stream.next_batch())
@@ -121,7 +127,19 @@ class PretrainTask:
         return {"loss": loss_sum / tokens, **router_log(sums, layout)}
 
     def evaluate(self, engine, layout) -> dict:
-        return {}
+        if self.valid is None:
+            return {}
+        loss_sum = tokens = 0.0
+        engine.eval()
+        with torch.no_grad():
+            for rows in eval_batches(self.valid.rows_per_epoch, self.scfg.micro_batch_size, layout,
+                                     self.scfg.eval_batches):
+                batch = to_device(self.valid.batch_of(rows))
+                loss_sum += lm_loss_sum(engine, batch, layout)[0].item()
+                tokens += self.num_loss_tokens(batch)
+        engine.train()
+        loss_sum, tokens = sum_over_dp([loss_sum, tokens], layout)
+        return {"eval/loss": loss_sum / tokens}
 
     def state_dict(self):
         return self.stream.state_dict()
