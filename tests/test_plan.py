@@ -109,13 +109,13 @@ def test_bf16_estimate_brackets_measured_peak():
     """bf16 at ZeRO 1/2 on 2 ranks: DeepSpeed allocates its gradient reduction bucket (reduce_bucket_size
     elements, fp32 at most) at some micro-steps and not at others, so the measured peak of the same
     configuration varies by up to that bucket (EP2 ZeRO-1: 356 and 359 MiB in two runs, within 20 % of the
-    260 MiB estimate in another). The planner counts
-    the bucket as at most the rank's parameters; the measured peak must lie between 0.8x that estimate
-    and 1.2x the estimate plus a whole fp32 bucket."""
+    260 MiB estimate in another). The planner counts the bucket as at most the rank's parameters; the
+    measured peak must lie between 0.8x that estimate and 1.2x the estimate plus a whole fp32 bucket."""
     for c in BF16_CONFIGS:
         peak, est = max(run_ranks(2, measure_peak, c)), estimate(c, 2)
         assert 0.8 * est <= peak <= 1.2 * (est + 4 * BUCKET), \
-            f"{c}: estimated {est / 2 ** 20:.1f} MiB (+{4 * BUCKET / 2 ** 20:.0f} MiB bucket), measured {peak / 2 ** 20:.1f} MiB"
+            f"{c}: estimated {est / 2 ** 20:.1f} MiB (+{4 * BUCKET / 2 ** 20:.0f} MiB bucket), " \
+            f"measured {peak / 2 ** 20:.1f} MiB"
 
 
 def test_counts_equal_the_parallelized_modules():
