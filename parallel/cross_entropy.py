@@ -76,3 +76,14 @@ def vocab_parallel_top1(logits_shard: torch.Tensor, targets: torch.Tensor, group
         target_logit = all_reduce(target_logit.masked_fill(~inside, float("-inf")), group,
                                   op=dist.ReduceOp.MAX)
         return (target_logit >= best) & (targets != ignore_index)
+
+
+def vocab_parallel_argmax(logits_shard: torch.Tensor, group=None) -> torch.Tensor:
+    """(..., V/tp) vocabulary-sharded logits -> (...) global arg-max ids, the lowest id on ties (as
+    torch.argmax), from two all-reduces over the tp group: the max, then the smallest id holding it."""
+    with torch.no_grad():
+        value, index = logits_shard.float().max(dim=-1)
+        index = index + group_rank(group) * logits_shard.shape[-1]
+        best = all_reduce(value, group, op=dist.ReduceOp.MAX)
+        candidate = torch.where(value == best, index, torch.full_like(index, torch.iinfo(index.dtype).max))
+        return all_reduce(candidate, group, op=dist.ReduceOp.MIN)

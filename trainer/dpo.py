@@ -34,7 +34,7 @@ from parallel.cross_entropy import vocab_parallel_log_probs
 
 from . import distributed as D
 from .dpo_loss import dpo_loss, sequence_log_probs
-from .generation import AnswerEval, load_prompts
+from .generation import answer_eval_for
 from .tasks import accumulation_steps, eval_batches, router_log, router_loss, sum_over_dp, to_device
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin")
@@ -81,10 +81,7 @@ class DPOTask:
         self.order = EpochShuffle(len(self.pairs), scfg.seed)
         self.schedule = StepSchedule(scfg.micro_batch_size, layout.dp_rank, layout.dp,
                                      accumulation_steps(scfg, layout))
-        prompts = load_prompts(scfg.eval_prompts, tokenizer, scfg.eval_prompts_limit) \
-            if scfg.eval_prompts else []
-        self.answer_eval = AnswerEval(prompts, tokenizer, scfg.eval_max_new_tokens, scfg.micro_batch_size,
-                                      scfg.output)
+        self.answer_eval = answer_eval_for(scfg, tokenizer)
         self.reference, self.reference_logps = None, None
         if scfg.reference == "copy":
             self.reference = build_reference(scfg, cfg, model_cfg, layout)

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from data.chat import load_conversations
+from parallel.cross_entropy import vocab_parallel_argmax
 
 from . import distributed as D
 
@@ -64,17 +64,16 @@ def load_prompts(path, tokenizer, limit: int = 0) -> list[Prompt]:
     return prompts[:limit] if limit else prompts
 
 
-def greedy_next(logits_shard: torch.Tensor, group) -> torch.Tensor:
-    """(B, V/tp) vocabulary-sharded logits -> (B,) global arg-max ids (two all-reduces over the tp group)."""
-    value, index = logits_shard.float().max(dim=-1)
-    index = index + (dist.get_rank(group) * logits_shard.shape[-1] if group is not None else 0)
-    if group is None or dist.get_world_size(group) == 1:
-        return index
-    best = value.clone()
-    dist.all_reduce(best, op=dist.ReduceOp.MAX, group=group)
-    candidate = torch.where(value == best, index, torch.full_like(index, torch.iinfo(index.dtype).max))
-    dist.all_reduce(candidate, op=dist.ReduceOp.MIN, group=group)
-    return candidate
+def answer_eval_for(scfg, tokenizer, held_out=()) -> "AnswerEval":
+    """A training stage's answer evaluation: scfg.eval_prompts is None (none), a chat jsonl, or
+    "held_out" (the stage's own held-out conversations, `held_out`), capped at eval_prompts_limit."""
+    if scfg.eval_prompts is None:
+        prompts = []
+    elif scfg.eval_prompts == "held_out":
+        prompts = prompts_of(held_out)[:scfg.eval_prompts_limit or None]
+    else:
+        prompts = load_prompts(scfg.eval_prompts, tokenizer, scfg.eval_prompts_limit)
+    return AnswerEval(prompts, tokenizer, scfg.eval_max_new_tokens, scfg.micro_batch_size, scfg.output)
 
 
 def left_padded(rows: list[list[int]], multiple: int, pad_id: int = 0):
@@ -111,7 +110,7 @@ def generate(model, prompts: list[list[int]], layout, max_new_tokens: int, eos_i
         rows = [p + a for p, a in zip(prompts, answers)]
         tokens, positions = left_padded(rows, layout.tp if layout.sp else 1)
         logits = last_logits(model, tokens.to(D.device()), positions.to(D.device()), layout.sp)
-        for r, token in enumerate(greedy_next(logits, tp_group).tolist()):
+        for r, token in enumerate(vocab_parallel_argmax(logits, tp_group).tolist()):
             done[r] = done[r] or token == eos_id
             if not done[r]:
                 answers[r].append(token)
@@ -139,9 +138,10 @@ class AnswerEval:
                 if i is None:
                     continue
                 text, reference = decode(answer), decode(prompt.reference)
-                matches += exact_match(text, reference)
+                match = exact_match(text, reference)
+                matches += match
                 records.append({"step": step, "prompt": decode(prompt.tokens), "reference": reference,
-                                "answer": text, "match": exact_match(text, reference)})
+                                "answer": text, "match": match})
         matches, = sum_over_dp([float(matches)], layout)
         if layout.dp_rank == 0 and layout.tp_rank == 0:
             self.path.parent.mkdir(parents=True, exist_ok=True)

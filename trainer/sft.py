@@ -20,7 +20,7 @@ from data.stream import EpochShuffle, StepSchedule
 from parallel.cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_top1
 
 from . import distributed as D
-from .generation import AnswerEval, load_prompts, prompts_of
+from .generation import answer_eval_for
 from .tasks import PretrainTask, accumulation_steps, eval_batches, sum_over_dp, to_device
 
 
@@ -46,10 +46,7 @@ class SFTTask(PretrainTask):
         shuffled = [train[i] for i in np.random.default_rng(scfg.seed).permutation(len(train))]
         self.rows = pack_conversations(shuffled, scfg.seq_len)
         self.valid = pack_conversations(valid, scfg.seq_len)
-        prompts = [] if scfg.eval_prompts is None else prompts_of(valid) if scfg.eval_prompts == "held_out" \
-            else load_prompts(scfg.eval_prompts, tokenizer)
-        self.answer_eval = AnswerEval(prompts[:scfg.eval_prompts_limit or None], tokenizer,
-                                      scfg.eval_max_new_tokens, scfg.micro_batch_size, scfg.output)
+        self.answer_eval = answer_eval_for(scfg, tokenizer, held_out=valid)
         if not len(self.rows.tokens):
             raise DataError(f"{scfg.data}: no training conversation keeps an answer token within "
                             f"sft.seq_len={scfg.seq_len}")
