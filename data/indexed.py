@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .readers import DataError, check_inputs, iter_texts
+from .encode import encoded_documents
+from .readers import DataError, check_inputs
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -126,47 +127,32 @@ class IndexedDataset:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
+    @property
+    def shards(self) -> list:
+        return [self]  # as data.sharded.ShardedDataset: an indexed dataset is its own only shard
 
-def tokenize_files(inputs: list[str], output_prefix: str, tokenizer, text_field: str = "text",
-                   batch_chars: int = 4_000_000) -> dict:
-    """Check `inputs` (see data.readers), tokenize every document as <s> ids </s> (the text's own "<s>",
-    "</s>" strings are ordinary text, never control tokens), write the indexed dataset at
-    `output_prefix`; returns {"documents", "tokens", "seconds"}. Tokenizer calls are batched
-    (~`batch_chars` characters each); the fast tokenizer spreads a batch over the CPU cores."""
+
+def tokenize_files(inputs: list, output_prefix: str, tokenizer, text_field: str = "text",
+                   batch_chars: int = 1 << 20, num_workers: int = 1) -> dict:
+    """Check `inputs` (see data.readers), tokenize every document as <s> ids </s> (data.encode; over
+    `num_workers` processes, 0 = every core), write the indexed dataset at `output_prefix`; returns
+    {"documents", "tokens", "seconds"}. data.sharded.tokenize_sharded writes the same documents as shards."""
     t0 = time.perf_counter()
     check_inputs(inputs, text_field)
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    if eos is None:
-        raise DataError(f"tokenizer {tokenizer.name_or_path!r} has no eos token to end documents with")
-    head, tail = ([bos] if bos is not None else []), [eos]
-
-    def encode(texts):
-        ids = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        return [head + doc + tail for doc in ids]
-
-    def documents():
-        batch, size = [], 0
-        for path in inputs:
-            for text in iter_texts(path, text_field):
-                batch.append(text)
-                size += len(text)
-                if size >= batch_chars:
-                    yield from encode(batch)
-                    batch, size = [], 0
-        if batch:
-            yield from encode(batch)
-
-    stats = write_indexed(output_prefix, documents(), len(tokenizer))
+    docs = encoded_documents(inputs, tokenizer, text_field, num_workers, batch_chars)
+    stats = write_indexed(output_prefix, docs, len(tokenizer))
     return dict(stats, seconds=time.perf_counter() - t0)
 
 
-def unigram_entropy(dataset: IndexedDataset, chunk: int = 1 << 26) -> float:
-    """Entropy in nats per token of the dataset's unigram token distribution: the loss of the best
-    model that ignores context, which any trained language model should beat."""
+def unigram_entropy(dataset, chunk: int = 1 << 26) -> float:
+    """Entropy in nats per token of the dataset's unigram token distribution (an IndexedDataset or a
+    data.sharded.ShardedDataset): the loss of the best model that ignores context, which any trained
+    language model should beat."""
     counts = np.zeros(0, np.int64)
-    for start in range(0, dataset.num_tokens, chunk):
-        c = np.bincount(dataset.tokens[start: start + chunk])
-        counts = np.pad(counts, (0, max(0, len(c) - len(counts))))
-        counts[: len(c)] += c
+    for shard in dataset.shards:
+        for start in range(0, shard.num_tokens, chunk):
+            c = np.bincount(shard.tokens[start: start + chunk])
+            counts = np.pad(counts, (0, max(0, len(c) - len(counts))))
+            counts[: len(c)] += c
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())

@@ -5,7 +5,7 @@ and may override any field (`model.num_layers=2`): the config loader merges the 
 under the recipe's. `validate_model_config` runs before any tensor is allocated.
 """
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional
 
 
@@ -21,6 +21,8 @@ class ModelConfig:
     num_experts: int = 4
     top_k: int = 2
     expert_dim: int = 128  # hidden size of each SwiGLU expert (fine-grained MoE: small and many)
+    granularity: Optional[int] = None  # G: each expert split in G (G x experts, expert_dim / G, G x top_k)
+    expansion: Optional[int] = None  # E: experts at granularity 1, instead of num_experts
     max_seq_len: int = 4096
     rope_theta: float = 1e6
     sliding_window: Optional[int] = None  # None: full causal attention
@@ -28,11 +30,27 @@ class ModelConfig:
     init_std: float = 0.02
     router_aux_loss_coef: float = 0.02  # Mixtral's load-balancing loss weight
     router_z_loss_coef: float = 0.0  # ST-MoE router z-loss weight (0: off)
+    router_score: str = "softmax"  # softmax (Mixtral) | sigmoid (DeepSeek-V3) scores over the experts
+    router_norm_topk: bool = True  # renormalise the k selected scores to sum 1
+    router_scale: float = 1.0  # factor on the routed experts' weights (routed_scaling_factor)
+    router_bias_rate: float = 0.0  # aux-loss-free balancing: expert-bias update per step (0: off; DeepSeek-V3 1e-3)
+    shared_expert_dim: int = 0  # hidden size of the always-on shared SwiGLU expert (0: none)
+    shared_expert_gate: bool = False  # scale the shared expert by sigmoid(x w_gate) (Qwen2-MoE)
+    dense_layers: int = 0  # the first k layers have a dense SwiGLU feed-forward instead of the MoE
+    dense_dim: Optional[int] = None  # its hidden size; default top_k * expert_dim (the active MoE size)
     attention: str = "auto"  # auto | flash | sdpa | reference
+    moe_type: str = "sparse"  # sparse: token-choice top-k router (model/moe.py) | tokens: Mixture of Tokens (model/mot.py)
+    mot_group_size: int = 8  # moe_type=tokens: rows of a micro-batch mixed together at each position
+    mot_temperature: float = 1.0  # moe_type=tokens: temperature of the controller's softmax over a group
+    mot_learnable_temperature: bool = False  # moe_type=tokens: also learn a scale of the logits (starts at 1)
 
     @property
     def head_size(self) -> int:
         return self.head_dim or self.dim // self.num_heads
+
+    @property
+    def dense_size(self) -> int:
+        return self.dense_dim or self.top_k * self.expert_dim
 
 
 PRESETS: dict[str, dict] = {
@@ -56,14 +74,41 @@ PRESETS: dict[str, dict] = {
 }
 
 ATTENTION_BACKENDS = ("auto", "flash", "sdpa", "reference")
+ROUTER_SCORES = ("softmax", "sigmoid")
+MOE_TYPES = ("sparse", "tokens")
 
 
 def model_config(preset: Optional[str] = None, **overrides) -> ModelConfig:
     """A validated config: the preset's values, then `overrides` (tests and scripts use this)."""
     check_preset(preset)
-    cfg = replace(ModelConfig(preset=preset), **{**PRESETS.get(preset, {}), **overrides})
+    values = resolve_granularity({**vars(ModelConfig(preset=preset)), **PRESETS.get(preset, {}), **overrides},
+                                 explicit=set(overrides))
+    cfg = ModelConfig(**values)
     validate_model_config(cfg)
     return cfg
+
+
+def resolve_granularity(values: dict, explicit: set) -> dict:
+    """The fine-grained form (Krajewski et al. 2024) as raw counts: with `expansion` E (experts at
+    granularity 1) and `granularity` G, num_experts = E * G, expert_dim / G and top_k * G, so active and
+    total parameters do not change with G. `explicit` names the fields the user set (not a preset's):
+    expansion and an explicit num_experts are one way or the other, not both. The result holds the raw
+    counts and no granularity/expansion, so resolving it again changes nothing."""
+    G, E = values.get("granularity"), values.get("expansion")
+    if G is None and E is None:
+        return values
+    if E is not None and "num_experts" in explicit:
+        raise ValueError("model config: model.expansion and model.num_experts are two ways to give the "
+                         "expert count; set one of them")
+    G = 1 if G is None else G
+    E = values["num_experts"] if E is None else E
+    if G < 1 or E < 1:
+        raise ValueError(f"model config: model.granularity ({G}) and model.expansion ({E}) must be >= 1")
+    if values["expert_dim"] % G:
+        raise ValueError(f"model config: model.granularity={G} does not divide model.expert_dim="
+                         f"{values['expert_dim']} (the size of an expert at granularity 1)")
+    return {**values, "num_experts": E * G, "expert_dim": values["expert_dim"] // G,
+            "top_k": values["top_k"] * G, "granularity": None, "expansion": None}
 
 
 def check_preset(preset: Optional[str]) -> None:
@@ -89,3 +134,19 @@ def validate_model_config(c: ModelConfig) -> None:
          f"sliding_window must be positive or null, got {c.sliding_window}")
     need(c.attention in ATTENTION_BACKENDS,
          f"attention {c.attention!r} is not one of {ATTENTION_BACKENDS}")
+    need(c.router_score in ROUTER_SCORES, f"router_score {c.router_score!r} is not one of {ROUTER_SCORES}")
+    need(c.router_scale > 0, f"router_scale must be positive, got {c.router_scale}")
+    need(c.router_bias_rate >= 0, f"router_bias_rate must be >= 0, got {c.router_bias_rate}")
+    need(c.shared_expert_dim >= 0, f"shared_expert_dim must be >= 0, got {c.shared_expert_dim}")
+    need(not c.shared_expert_gate or c.shared_expert_dim > 0,
+         "shared_expert_gate needs shared_expert_dim > 0")
+    need(0 <= c.dense_layers < c.num_layers,
+         f"dense_layers ({c.dense_layers}) must be in [0, num_layers ({c.num_layers}))")
+    need(c.dense_dim is None or c.dense_dim > 0, f"dense_dim must be positive or null, got {c.dense_dim}")
+    need(c.moe_type in MOE_TYPES, f"moe_type {c.moe_type!r} is not one of {MOE_TYPES}")
+    need(c.mot_group_size > 0, f"mot_group_size must be positive, got {c.mot_group_size}")
+    need(c.mot_temperature > 0, f"mot_temperature must be positive, got {c.mot_temperature}")
+    need(c.moe_type == "sparse" or (c.router_score == "softmax" and c.router_bias_rate == 0
+                                    and c.shared_expert_dim == 0),
+         "moe_type=tokens has no router: router_score, router_bias_rate and shared_expert_dim are the sparse "
+         "layer's options")

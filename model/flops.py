@@ -40,6 +40,12 @@ def active_params(cfg: ModelConfig) -> int:
     return total_params(cfg) - c["experts"] + c["experts"] * cfg.top_k // cfg.num_experts
 
 
+def expert_share(cfg: ModelConfig) -> float:
+    """Share of the expert weights one token's FLOPs use: top_k / num_experts, or with Mixture of Tokens
+    (model/mot.py) 1 / mot_group_size: E mixed tokens per group of G tokens, each through one expert."""
+    return 1 / cfg.mot_group_size if cfg.moe_type == "tokens" else cfg.top_k / cfg.num_experts
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     """Training (forward + backward) FLOPs per token at sequence length `seq_len`, by part:
     {"dense", "router", "experts", "attention", "total"} (see the module docstring)."""
@@ -49,7 +55,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     parts = {
         "dense": 6 * (c["attention"] + c["norms"] + c["output"]),
         "router": 6 * c["router"],
-        "experts": 6 * c["experts"] * cfg.top_k / cfg.num_experts,
+        "experts": 6 * c["experts"] * expert_share(cfg),
         "attention": 12 * cfg.num_layers * cfg.num_heads * cfg.head_size * keys,
     }
     return parts | {"total": sum(parts.values())}

@@ -1,4 +1,5 @@
 """Hugging Face interop: our Mixtral <-> a `MixtralForCausalLM` folder, one adapter for both directions.
+Models whose router Mixtral cannot express go to Qwen2-MoE or GLM-4-MoE instead (model/hf_families.py).
 
 Names (ours -> the Hub layout of mistralai/Mixtral-8x7B-v0.1, which vLLM and every transformers version
 load; transformers 5 fuses the experts on load and un-fuses them again in save_pretrained):
@@ -29,11 +30,12 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 
 from .config import ModelConfig, validate_model_config
+from .hf_families import ARCHITECTURES, family_config, family_hub_names, hf_family, model_config_from_family
 from .init import StateDictSource
 
 class HFCheckpointError(ValueError):
@@ -78,6 +80,13 @@ def model_config_from_hf(hf_cfg, source: str = "HF config") -> ModelConfig:
     from transformers import MixtralConfig
 
     d = hf_cfg.to_dict() if hasattr(hf_cfg, "to_dict") else dict(hf_cfg)
+    if d.get("model_type") in ARCHITECTURES:  # another router (model/hf_families.py)
+        cfg = model_config_from_family(d, source)
+        try:
+            validate_model_config(cfg)
+        except ValueError as e:
+            raise HFCheckpointError(f"{source}: {e}") from None
+        return cfg
     if d.get("model_type", "mixtral") != "mixtral":
         raise HFCheckpointError(f"{source}: model_type {d['model_type']!r} is not 'mixtral'")
     c = MixtralConfig.from_dict(d)
@@ -178,12 +187,22 @@ def hub_tensor(source, name: str, expert: Optional[int], full_shape) -> torch.Te
     return source.read(name, full_shape, [expert, 0, 0], [1, *full_shape[1:]])[0].t()
 
 
+def hub_layout(cfg: ModelConfig) -> tuple[str, dict, dict]:
+    """(family, Hub name -> (our name, expert), Hub name -> shape) of the export of `cfg`: Mixtral's, or
+    the family that carries its router (model/hf_families.py; refused there when none does)."""
+    family = hf_family(cfg)
+    if family == "mixtral":
+        return family, hub_names(cfg), hf_shapes(cfg)
+    names, ours = family_hub_names(cfg, family), our_shapes(cfg)
+    return family, names, {n: ours[o] if e is None else ours[o][:0:-1] for n, (o, e) in names.items()}
+
+
 def to_hf(state_dict: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Our state dict -> Hub-named tensors (views: no copy of the experts)."""
     ours = our_shapes(cfg)
     check_tensors(state_dict, ours, "state dict")
     source = StateDictSource(state_dict)
-    return {hf: hub_tensor(source, name, e, ours[name]) for hf, (name, e) in hub_names(cfg).items()}
+    return {hf: hub_tensor(source, name, e, ours[name]) for hf, (name, e) in hub_layout(cfg)[1].items()}
 
 
 def from_hf(hf_state_dict: dict, cfg: ModelConfig, source: str = "HF state dict") -> dict[str, torch.Tensor]:
@@ -223,26 +242,40 @@ def export_hf(source, cfg: ModelConfig, out_dir, tokenizer=None, dtype=torch.bfl
     Written into a temporary sibling and renamed at the end: a failed export leaves no folder behind.
     An existing `out_dir` is replaced if it is empty or an HF folder (has config.json).
     """
+    ours = our_shapes(cfg)
+    if isinstance(source, dict):
+        check_tensors(source, ours, "state dict")
+        source = StateDictSource(source)
+    family, names, shapes = hub_layout(cfg)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    bos, eos = 1 if bos is None else bos, 2 if eos is None else eos
+    config = (hf_config(cfg, bos, eos) if family == "mixtral" else family_config(cfg, family, bos, eos)).to_dict()
+    # top-level rope_theta: what transformers 4.x and vLLM read
+    config |= {"architectures": [ARCHITECTURES.get(family, "MixtralForCausalLM")], "rope_theta": float(cfg.rope_theta)}
+    return write_hf_folder(out_dir, {n: shapes[n] for n in names},
+                           lambda n: hub_tensor(source, names[n][0], names[n][1], ours[names[n][0]]),
+                           config, bos, eos, tokenizer, dtype, max_shard_size)
+
+
+def write_hf_folder(out_dir, shapes: dict[str, tuple], read: Callable[[str], torch.Tensor], config: dict,
+                    bos: int, eos: int, tokenizer=None, dtype=torch.bfloat16,
+                    max_shard_size: Union[int, str] = "2GB") -> Path:
+    """Write any HF model folder: config.json (`config` plus its dtype), generation_config.json, the
+    tensors named in `shapes` (in that order), each `read(name)` when its shard is filled and cast to
+    `dtype`, into model-0000k-of-0000N.safetensors + model.safetensors.index.json, and the tokenizer's
+    files when one is given. Memory holds one shard plus one tensor. Written into a temporary sibling
+    and renamed at the end: a failed export leaves no folder behind. An existing `out_dir` is replaced
+    if it is empty or an HF folder (has config.json)."""
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "config.json").exists():
         raise FileExistsError(f"export: {out_dir} exists and is not an HF folder; refusing to replace it")
-    ours = our_shapes(cfg)
-    if isinstance(source, dict):
-        check_tensors(source, ours, "state dict")
-        source = StateDictSource(source)
-    names, shapes = hub_names(cfg), hf_shapes(cfg)
-    bos = getattr(tokenizer, "bos_token_id", None)
-    eos = getattr(tokenizer, "eos_token_id", None)
-    bos, eos = 1 if bos is None else bos, 2 if eos is None else eos
-    config = hf_config(cfg, bos, eos).to_dict()
     dtype_name = str(dtype).removeprefix("torch.")
-    # top-level rope_theta and torch_dtype: what transformers 4.x and vLLM read
-    config |= {"architectures": ["MixtralForCausalLM"], "dtype": dtype_name, "torch_dtype": dtype_name,
-               "rope_theta": float(cfg.rope_theta)}
-    shards = split_into_shards({n: shapes[n] for n in names}, dtype, parse_size(max_shard_size))
+    config = config | {"dtype": dtype_name, "torch_dtype": dtype_name}  # torch_dtype: what transformers 4.x reads
+    shards = split_into_shards(shapes, dtype, parse_size(max_shard_size))
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -250,14 +283,11 @@ def export_hf(source, cfg: ModelConfig, out_dir, tokenizer=None, dtype=torch.bfl
         weight_map = {}
         for k, shard_names in enumerate(shards):
             fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-            shard = {}
-            for n in shard_names:
-                name, expert = names[n]
-                shard[n] = hub_tensor(source, name, expert, ours[name]).to(dtype).contiguous()
+            shard = {n: read(n).to(dtype).contiguous() for n in shard_names}
             save_file(shard, str(tmp / fname), metadata={"format": "pt"})
             del shard
             weight_map |= dict.fromkeys(shard_names, fname)
-        total = sum(math.prod(shapes[n]) for n in names)
+        total = sum(math.prod(shape) for shape in shapes.values())
         index = {"metadata": {"total_size": total * dtype.itemsize, "total_parameters": total},
                  "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -278,6 +308,37 @@ def export_hf(source, cfg: ModelConfig, out_dir, tokenizer=None, dtype=torch.bfl
     return out_dir
 
 
+def index_folder(path: Path) -> tuple[dict[str, Path], dict[str, tuple]]:
+    """An HF folder's tensors from the safetensors headers, no data read: (name -> file, name -> shape).
+    Checks the index (model.safetensors.index.json, else one model.safetensors), that every shard it
+    names exists, and that no tensor appears twice or outside its indexed shard."""
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    elif (path / "model.safetensors").is_file():
+        weight_map, files = None, ["model.safetensors"]
+    else:
+        raise HFCheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                         "(pickle checkpoints such as pytorch_model.bin are not read)")
+    where, shapes = {}, {}
+    for fname in files:
+        if not (path / fname).is_file():
+            raise HFCheckpointError(f"{path}: shard {fname} named in model.safetensors.index.json is missing")
+        with safe_open(str(path / fname), framework="pt") as f:
+            for name in f.keys():
+                if name in where:
+                    raise HFCheckpointError(f"HF checkpoint {path}: tensor {name!r} appears in two shards")
+                if weight_map is not None and weight_map.get(name) != fname:
+                    raise HFCheckpointError(f"HF checkpoint {path}: tensor {name!r} in {fname} is not indexed "
+                                     f"there (index says {weight_map.get(name)})")
+                where[name] = path / fname
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    return where, shapes
+
+
 class HFFolder:
     """An HF Mixtral folder (config.json + model.safetensors or a sharded index) as a source of our
     tensors (model/init.py): read(name, full_shape, offsets, shape) reads only that box, through
@@ -287,38 +348,20 @@ class HFFolder:
     before any data is read. Pickle files (pytorch_model.bin) are never read."""
 
     def __init__(self, path):
-        from safetensors import safe_open
-
         path = self.path = Path(path)
         if not (path / "config.json").is_file():
             raise HFCheckpointError(f"{path}: not an HF Mixtral folder (no config.json)")
         self.cfg = model_config_from_hf(json.loads((path / "config.json").read_text()),
                                         source=f"{path}/config.json")
-        index = path / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        elif (path / "model.safetensors").is_file():
-            weight_map, files = None, ["model.safetensors"]
-        else:
-            raise HFCheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json "
-                             "(pickle checkpoints such as pytorch_model.bin are not read)")
-        self._where, shapes = {}, {}
-        for fname in files:
-            if not (path / fname).is_file():
-                raise HFCheckpointError(f"{path}: shard {fname} named in model.safetensors.index.json is missing")
-            with safe_open(str(path / fname), framework="pt") as f:
-                for name in f.keys():
-                    if name in self._where:
-                        raise HFCheckpointError(f"HF checkpoint {path}: tensor {name!r} appears in two shards")
-                    if weight_map is not None and weight_map.get(name) != fname:
-                        raise HFCheckpointError(f"HF checkpoint {path}: tensor {name!r} in {fname} is not indexed "
-                                         f"there (index says {weight_map.get(name)})")
-                    self._where[name] = path / fname
-                    shapes[name] = tuple(f.get_slice(name).get_shape())
+        self._where, shapes = index_folder(path)
+        self.family, names, family_shapes = hub_layout(self.cfg)
+        self._hub_of = {}  # our name -> {expert or None: Hub name}, for the families other than Mixtral
+        for hub, (ours, expert) in names.items():
+            self._hub_of.setdefault(ours, {})[expert] = hub
         self.fused = frozenset(i for i in range(self.cfg.num_layers)
                                if f"model.layers.{i}.mlp.experts.gate_up_proj" in shapes)
-        check_shapes(shapes, hf_shapes(self.cfg, self.fused), f"HF checkpoint {path}")
+        expected = hf_shapes(self.cfg, self.fused) if self.family == "mixtral" else family_shapes
+        check_shapes(shapes, expected, f"HF checkpoint {path}")
         self.ours = our_shapes(self.cfg)
 
     def _get(self, hf_name: str, box: tuple) -> torch.Tensor:
@@ -334,6 +377,12 @@ class HFFolder:
             raise HFCheckpointError(f"HF checkpoint {self.path}: our tensor {name!r} of shape {tuple(full_shape)} "
                              f"does not match the folder's config ({self.ours.get(name)})")
         box = tuple(slice(o, o + n) for o, n in zip(offsets, shape))
+        if self.family != "mixtral":
+            hub = self._hub_of[name]
+            if None in hub:
+                return self._get(hub[None], box)
+            experts, a, b = box
+            return torch.stack([self._get(hub[e], (b, a)).t() for e in range(experts.start, experts.stop)])
         if name in TOP_LEVEL:
             return self._get(TOP_LEVEL[name], box)
         _, i, rest = name.split(".", 2)

@@ -60,8 +60,10 @@ class RandomInit:
         self.std, self.seed = std, seed
 
     def read(self, name: str, full_shape, offsets, shape) -> torch.Tensor:
-        if name.endswith("norm.weight"):
+        if name.endswith(("norm.weight", "logit_scale")):  # logit_scale: model/mot.py's learned temperature
             return torch.ones(list(shape))
+        if name.endswith("expert_bias"):  # model/moe.py's balancing bias starts at 0
+            return torch.zeros(list(shape))
         return normal_box(name, full_shape, offsets, shape, self.std, self.seed)
 
 

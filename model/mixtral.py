@@ -14,7 +14,8 @@ from torch import nn
 from .attention import attention, pick_backend
 from .config import ModelConfig
 from .init import RandomInit
-from .moe import MoE, RouterStats
+from .moe import MoE, RouterStats, SwiGLU
+from .mot import MixtureOfTokens
 
 
 class RMSNorm(nn.Module):
@@ -62,16 +63,28 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Layer `layer`: attention, then its feed-forward: the MoE, or a dense SwiGLU (`mlp`) in the first
+    cfg.dense_layers layers, which have no router and give no router stats."""
+
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.moe = MoE(cfg.dim, cfg.num_experts, cfg.top_k, cfg.expert_dim)
+        self.mixes_tokens = cfg.moe_type == "tokens"
+        self.dense = layer < cfg.dense_layers
+        if self.dense:
+            self.mlp = SwiGLU(cfg.dim, cfg.dense_size)
+            return
+        self.moe = MixtureOfTokens(cfg.dim, cfg.num_experts, cfg.expert_dim, cfg.mot_group_size, cfg.mot_temperature,
+                                   cfg.mot_learnable_temperature) if self.mixes_tokens else \
+            MoE.from_config(cfg)
 
-    def forward(self, x, cos, sin, position_ids):
+    def forward(self, x, cos, sin, position_ids, mix_mask=None):
         x = x + self.attention(self.attention_norm(x), cos, sin, position_ids)
-        out, stats = self.moe(self.ffn_norm(x))
+        if self.dense:
+            return (x + self.mlp(self.ffn_norm(x)),)
+        out, stats = self.moe(self.ffn_norm(x), mix_mask) if self.mixes_tokens else self.moe(self.ffn_norm(x))
         return x + out, *stats
 
 
@@ -80,7 +93,7 @@ class Mixtral(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         # how a block runs: parallel/ may set a function (block, *inputs) -> outputs (activation checkpointing)
@@ -94,15 +107,19 @@ class Mixtral(nn.Module):
         for name, p in self.named_parameters():
             p.copy_(source.read(name, p.shape, [0] * p.dim(), p.shape))
 
-    def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None):
+    def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                mix_mask: Optional[torch.Tensor] = None):
         """tokens (B, T) -> logits (B, T, V) and RouterStats over all layers.
 
         position_ids (B, T) restart at 0 at each packed document; None means 0..T-1 per row.
+        mix_mask (B, T) bool: the positions a Mixture of Tokens layer mixes (None: all); others are
+        padding to it (model/mot.py). The sparse layer routes each token alone and ignores it.
         """
-        h, stats = self.hidden(tokens, position_ids)
+        h, stats = self.hidden(tokens, position_ids, mix_mask)
         return self.output(h), stats
 
-    def hidden(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None):
+    def hidden(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+               mix_mask: Optional[torch.Tensor] = None):
         """Everything before the LM head: tokens (B, T) -> final-normed hidden states (B, T, D) and
         RouterStats. `output(hidden)` are the logits; model/loss.py fuses that matmul with the loss."""
         B, T = tokens.shape
@@ -112,8 +129,9 @@ class Mixtral(nn.Module):
         cos, sin = rotary_cos_sin(positions, self.cfg.head_size, self.cfg.rope_theta, h.dtype)
         per_layer = []  # (counts, prob_sum, z_sum, entropy_sum) of each layer
         for layer in self.layers:
-            h, *stats = (self.run_block or Block.__call__)(layer, h, cos, sin, position_ids)
-            per_layer.append(stats)
+            h, *stats = (self.run_block or Block.__call__)(layer, h, cos, sin, position_ids, mix_mask)
+            if stats:  # dense layers have none
+                per_layer.append(stats)
         counts, prob_sums, z_sums, entropy_sums = (torch.stack(s) for s in zip(*per_layer))
         stats = RouterStats(counts, prob_sums, z_sums, torch.tensor(float(B * T), device=tokens.device),
                             entropy_sums)

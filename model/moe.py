@@ -1,7 +1,12 @@
 """Mixtral's sparse MoE: a top-k router over SwiGLU experts, computed dropless with grouped GEMMs.
 
-Router (Mixtral semantics): p = softmax(x W_g^T) over all experts; the k largest are kept and
-renormalised, which equals a softmax over the selected logits. No capacity, no jitter, no token drop.
+Router (Mixtral semantics by default): p = softmax(x W_g^T) over all experts; the k largest are kept
+and renormalised, which equals a softmax over the selected logits. No capacity, no jitter, no token drop.
+Variants (ModelConfig.router_*): sigmoid scores (DeepSeek-V3), top-k renormalisation on or off, a
+scaling factor on the weights, and a per-expert balancing bias added to the scores for the top-k choice
+only (auxiliary-loss-free load balancing, `update_expert_bias`). The router always computes in fp32.
+Shared experts (always on, optionally behind a sigmoid gate as in Qwen2-MoE) are one SwiGLU next to
+the routed ones.
 
 Experts are stored stacked so one grouped GEMM serves all of them:
     w1, w3: (E, D, F)    w2: (E, F, D)      expert_e(x) = (silu(x w1[e]) * (x w3[e])) w2[e]
@@ -37,18 +42,63 @@ def swiglu_experts(x: torch.Tensor, w1, w3, w2, counts: torch.Tensor) -> torch.T
 
 
 class Router(nn.Module):
-    def __init__(self, dim: int, num_experts: int, top_k: int):
+    """x -> top-k experts and their weights. score: "softmax" (Mixtral) or "sigmoid" (DeepSeek-V3);
+    norm_topk: divide the k weights by their sum; scale: multiply them by it (routed_scaling_factor).
+    With balance_bias the buffer expert_bias (E,) fp32 is added to the scores for the choice of the
+    k experts only, never to their weights; the trainer updates it (update_expert_bias) when
+    router_bias_rate > 0. Sigmoid routers always carry it (zero unless updated), as GLM-4-MoE's and
+    DeepSeek-V3's do, so that their checkpoints map one to one."""
+
+    def __init__(self, dim: int, num_experts: int, top_k: int, score: str = "softmax",
+                 norm_topk: bool = True, scale: float = 1.0, balance_bias: bool = False):
         super().__init__()
-        self.top_k = top_k
+        self.top_k, self.score, self.norm_topk, self.scale = top_k, score, norm_topk, scale
         self.gate = nn.Linear(dim, num_experts, bias=False)
+        if balance_bias:
+            self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
+        else:
+            self.expert_bias = None
 
     def forward(self, x: torch.Tensor):
-        """x (N, D) -> logits (N, E) fp32, weights (N, k) fp32, indices (N, k)."""
-        logits = self.gate(x).float()
-        probs = torch.softmax(logits, dim=-1)
-        weights, indices = torch.topk(probs, self.top_k, dim=-1)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-        return logits, weights, indices
+        """x (N, D) -> logits (N, E) fp32, weights (N, k) fp32, indices (N, k). In fp32 whatever the
+        model's dtype: input and gate weight are cast before the matmul (Megatron's moe_router_dtype)."""
+        logits = F.linear(x.float(), self.gate.weight.float())
+        scores = torch.softmax(logits, dim=-1) if self.score == "softmax" else torch.sigmoid(logits)
+        choice = scores if self.expert_bias is None else scores + self.expert_bias.float()
+        indices = torch.topk(choice, self.top_k, dim=-1).indices
+        weights = scores.gather(-1, indices)
+        if self.norm_topk:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return logits, weights * self.scale, indices
+
+
+@torch.no_grad()
+def update_expert_bias(model: nn.Module, load, rate: float) -> None:
+    """Auxiliary-loss-free balancing (DeepSeek-V3 sec. 2.1.2; Megatron-Core's sign update): each
+    router's expert_bias += rate * sign(mean load - load of the expert). `load` (layers, E): the step's
+    share (or count) of the top-k assignments per expert, over the whole step's tokens (all micro-batches
+    and data-parallel ranks), so every rank makes the same update. The bias is kept in fp32 (a bf16
+    cast of the module would make it so). The routers are the model's balanced ones, in layer order."""
+    routers = [m for m in model.modules() if isinstance(m, Router) and m.expert_bias is not None]
+    load = torch.as_tensor(load, dtype=torch.float64)
+    offsets = torch.sign(load.mean(-1, keepdim=True) - load)
+    for router, offset in zip(routers, offsets, strict=True):
+        bias = router.expert_bias
+        router.expert_bias = (bias.float() + rate * offset.to(bias.device, torch.float32))
+
+
+class SwiGLU(nn.Module):
+    """A dense SwiGLU MLP, (silu(x w1^T) * x w3^T) w2^T: the shared experts and the feed-forward of the
+    dense layers (ModelConfig.dense_layers)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class Experts(nn.Module):
@@ -83,15 +133,21 @@ class RouterStats:
     entropy_sum: torch.Tensor = None  # (L,) sum over tokens of the router's entropy (nats), no grad
 
 
-def layer_router_stats(logits: torch.Tensor, indices: torch.Tensor):
+def layer_router_stats(logits: torch.Tensor, indices: torch.Tensor, score: str = "softmax"):
     """One layer's (counts (E,), prob_sum (E,), z_sum (), entropy_sum ()) for router logits (N, E),
-    indices (N, k)."""
+    indices (N, k). The probabilities are the softmax of the logits, or with sigmoid scores the
+    scores normalised to sum 1 per token (DeepSeek-V3's balance loss)."""
     E = logits.shape[-1]
     counts = torch.bincount(indices.flatten(), minlength=E).to(torch.float32)
-    probs = torch.softmax(logits, dim=-1)
+    if score == "softmax":
+        probs, log_probs = torch.softmax(logits, dim=-1), torch.log_softmax(logits, dim=-1)
+    else:
+        scores = torch.sigmoid(logits)
+        probs = scores / scores.sum(-1, keepdim=True)
+        log_probs = probs.detach().clamp_min(1e-30).log()
     z_sum = torch.logsumexp(logits, dim=-1).square().sum()
     with torch.no_grad():
-        entropy_sum = -(probs * torch.log_softmax(logits, dim=-1)).sum()
+        entropy_sum = -(probs * log_probs).sum()
     return counts, probs.sum(0), z_sum, entropy_sum
 
 
@@ -112,14 +168,31 @@ def router_z_loss(stats: RouterStats) -> torch.Tensor:
 
 
 class MoE(nn.Module):
-    def __init__(self, dim: int, num_experts: int, top_k: int, expert_dim: int):
+    """Routed experts, and with shared_dim > 0 a shared SwiGLU every token passes through (times
+    sigmoid(x w_gate^T), a (1, D) gate, with shared_gate)."""
+
+    def __init__(self, dim: int, num_experts: int, top_k: int, expert_dim: int, score: str = "softmax",
+                 norm_topk: bool = True, scale: float = 1.0, balance_bias: bool = False,
+                 shared_dim: int = 0, shared_gate: bool = False):
         super().__init__()
-        self.router = Router(dim, num_experts, top_k)
+        self.router = Router(dim, num_experts, top_k, score, norm_topk, scale, balance_bias)
         self.experts = Experts(num_experts, dim, expert_dim)
+        self.shared = SwiGLU(dim, shared_dim) if shared_dim else None
+        self.shared_gate = nn.Linear(dim, 1, bias=False) if shared_dim and shared_gate else None
+
+    @classmethod
+    def from_config(cls, cfg) -> "MoE":
+        balance_bias = cfg.router_bias_rate > 0 or cfg.router_score == "sigmoid"
+        return cls(cfg.dim, cfg.num_experts, cfg.top_k, cfg.expert_dim, cfg.router_score, cfg.router_norm_topk,
+                   cfg.router_scale, balance_bias, cfg.shared_expert_dim, cfg.shared_expert_gate)
 
     def forward(self, x: torch.Tensor):
         """x (B, T, D) -> (B, T, D), and this layer's router stats (see layer_router_stats)."""
         flat = x.reshape(-1, x.shape[-1])
         logits, weights, indices = self.router(flat)
         out = self.experts(flat, indices, weights).view_as(x)
-        return out, layer_router_stats(logits, indices)
+        if self.shared is not None:
+            shared = self.shared(x)
+            out = out + (shared if self.shared_gate is None else torch.sigmoid(self.shared_gate(x)) * shared)
+        return out, layer_router_stats(logits, indices, self.router.score)
+

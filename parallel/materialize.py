@@ -61,6 +61,11 @@ def materialize(model: nn.Module, source, device, dtype: torch.dtype = torch.flo
                 raise ValueError(f"{name}: the source gave shape {tuple(value.shape)} for a box of "
                                  f"{tuple(piece.shape)}")
             piece.copy_(value)
+    for name, b in model.named_buffers():  # persistent buffers (model/moe.py's expert_bias): whole on every rank
+        if b.is_meta and name in model.state_dict(keep_vars=True):
+            value = source.read(name, list(b.shape), [0] * b.dim(), list(b.shape))
+            module, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(module), attr, value.to(device=device, dtype=torch.float32))
     left = [n for n, b in model.named_buffers() if b.is_meta]
     if left:
         raise ValueError(f"materialize: buffers {left} are still on the meta device")

@@ -19,6 +19,8 @@ Layouts of the activations between modules (tp ranks r of `tp`):
     norms, router                  replicated; with sp they see this rank's tokens only
     experts                        replicated over tp (each rank computes its tokens: all of them, or
                                    its sequence chunk with sp); expert_tp: hidden size F split over tp
+    Mixture of Tokens (moe_type=tokens): controller replicated like the router; its experts by
+                                   parallel/mot.py (expert_tp, sp) and parallel/mot_expert_parallel.py (ep)
     output                         column-parallel, not gathered: logits (B, T, V/tp) stay vocab-
                                    sharded for vocab_parallel_cross_entropy (with sp it all-gathers
                                    its input sequence first)
@@ -34,9 +36,11 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts, noop_context_fn
 
 from model.moe import Experts, RouterStats
+from model.mot import MixtureExperts, MixtureOfTokens
 
 from .layers import ColumnParallelLinear, RowParallelLinear, TensorParallelExperts, VocabParallelEmbedding
 from .mappings import all_gather_from_sp, all_reduce, copy_to_tp, reduce_from_tp
+from .mot import TensorParallelMixtureExperts, shard_mix_mask
 
 
 def prepare_attention_input(attention: nn.Module, group, sequence_parallel: bool) -> nn.Module:
@@ -65,7 +69,8 @@ def tensor_parallel_plan(layout) -> dict:
         "output": lambda m: ColumnParallelLinear.from_linear(m, g, gather_output=False, sequence_parallel=sp),
     }
     if layout.expert_tp:
-        plan["layers.*.moe.experts"] = lambda m: TensorParallelExperts.from_experts(m, g, sp)
+        plan["layers.*.moe.experts"] = lambda m: (TensorParallelMixtureExperts if isinstance(m, MixtureExperts)
+                                                  else TensorParallelExperts).from_experts(m, g, sp)
     return plan
 
 
@@ -86,6 +91,11 @@ def expert_parallel_experts(experts: nn.Module, layout, parallel_cfg) -> nn.Modu
     """The expert-parallel replacement of one model.moe.Experts, its weights sliced to this ep rank:
     parallel/expert_parallel.py's dropless module or, with moe_impl=deepspeed, parallel/deepspeed_moe.py's
     (both keep the interface of model.moe.Experts) over layout.ep_group."""
+    if type(experts) is MixtureExperts:
+        if parallel_cfg.moe_impl == "deepspeed":
+            raise ValueError("model.moe_type=tokens needs parallel.moe_impl=dropless")
+        from .mot_expert_parallel import ExpertParallelMixtureExperts
+        return ExpertParallelMixtureExperts(experts, layout)
     if type(experts) is not Experts:
         raise TypeError(f"expert parallelism needs model.moe.Experts, got {type(experts).__name__}: "
                         "parallel.expert_tp combines with neither parallel.ep > 1 nor moe_impl=deepspeed")
@@ -103,7 +113,8 @@ def apply_expert_parallel(model: nn.Module, layout, parallel_cfg) -> None:
     if layout.ep == 1 and parallel_cfg.moe_impl == "dropless":
         return
     for block in model.layers:
-        block.moe.experts = expert_parallel_experts(block.moe.experts, layout, parallel_cfg)
+        if not block.dense:
+            block.moe.experts = expert_parallel_experts(block.moe.experts, layout, parallel_cfg)
 
 
 def sum_replicated_grads_over_tp(model: nn.Module, group) -> None:
@@ -162,6 +173,9 @@ def parallelize(model: nn.Module, layout, parallel_cfg) -> nn.Module:
     apply_expert_parallel(model, layout, parallel_cfg)
     if layout.sp:
         sum_replicated_grads_over_tp(model, layout.tp_group)
+        for block in model.layers:
+            if isinstance(getattr(block, "moe", None), MixtureOfTokens):  # dense layers have no moe
+                shard_mix_mask(block, layout.tp_group)
     apply_activation_checkpointing(model, parallel_cfg.activation_checkpointing)
     return model
 

@@ -65,7 +65,16 @@ def _base_optimizer(engine):
     return getattr(opt, "optimizer", opt)
 
 
+def model_buffers(module) -> list[tuple[str, torch.Tensor]]:
+    """The persistent buffers (model/moe.py's expert_bias): whole on every rank, saved as `model/<name>`
+    by rank 0 and loaded like the weights."""
+    state = module.state_dict(keep_vars=True)
+    return [(name, b) for name, b in module.named_buffers() if name in state]
+
+
 def _master(engine, p) -> torch.Tensor:
+    if not isinstance(p, torch.nn.Parameter):  # a buffer: no optimizer copy
+        return p.detach().float().cpu()
     v = safe_get_full_fp32_param(p)
     return (v if v is not None else p.detach()).float().cpu()
 
@@ -103,9 +112,12 @@ def save_checkpoint(root, step: int, engine, trainer_state: dict, config_yaml: s
 
     _ensure_optimizer_state(engine, step)
     params = list(engine.module.named_parameters())
+    buffers = model_buffers(engine.module)
     kinds = ("model", *MOMENTS)
     slices = {name: local_slice(p) for name, p in params}  # name -> (full shape, offsets)
+    slices |= {name: (list(b.shape), [0] * b.dim()) for name, b in buffers}
     mine = [(f"{kind}/{name}", tuple(slices[name][1])) for name, _ in params for kind in kinds]
+    mine += [(f"model/{name}", tuple(slices[name][1])) for name, _ in buffers]
     everyone = [None] * D.world_size()
     if dist.is_initialized():
         dist.all_gather_object(everyone, mine)
@@ -118,21 +130,23 @@ def save_checkpoint(root, step: int, engine, trainer_state: dict, config_yaml: s
     fname = f"rank{D.rank():05d}.safetensors"
     layout = [(_slice_key(f"{kind}/{name}", slices[name][1]), list(p.shape), torch.float32) for name, p in params
               for kind in kinds if writer[(f"{kind}/{name}", tuple(slices[name][1]))] == D.rank()]
+    layout += [(_slice_key(f"model/{name}", slices[name][1]), list(b.shape), torch.float32) for name, b in buffers
+               if writer[(f"model/{name}", tuple(slices[name][1]))] == D.rank()]
     entries = []
     # one tensor at a time: ZeRO's accessors gather a parameter (a collective every rank joins), the
     # designated writer streams it into its file, and it is freed before the next one
     with SafetensorsWriter(tmp / fname, layout) as out:
-        for name, p in params:
+        items = [(n, kind, p) for n, p in params for kind in kinds] + [(n, "model", b) for n, b in buffers]
+        for name, kind, p in items:
             full, offsets = slices[name]
-            for kind in kinds:
-                t = _master(engine, p) if kind == "model" else _moment(engine, p, kind)
-                key = f"{kind}/{name}"
-                if writer[(key, tuple(offsets))] != D.rank():
-                    continue
-                out.write(_slice_key(key, offsets), t)
-                entries.append(dict(tensor=key, full_shape=full, dtype="float32", file=fname,
-                                    key=_slice_key(key, offsets), offsets=offsets, shape=list(t.shape),
-                                    sha256=_sha256(t)))
+            t = _master(engine, p) if kind == "model" else _moment(engine, p, kind)
+            key = f"{kind}/{name}"
+            if writer[(key, tuple(offsets))] != D.rank():
+                continue
+            out.write(_slice_key(key, offsets), t)
+            entries.append(dict(tensor=key, full_shape=full, dtype="float32", file=fname,
+                                key=_slice_key(key, offsets), offsets=offsets, shape=list(t.shape),
+                                sha256=_sha256(t)))
     _fsync(tmp / fname)
 
     rng = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
@@ -313,11 +327,18 @@ def load_checkpoint(path, engine, load_optimizer: bool = True) -> dict:
     if "scheduler" in state:
         state["scheduler"] = scheduler_state_for(state["scheduler"], len(_base_optimizer(engine).param_groups))
     params = dict(engine.module.named_parameters())
-    expected = set(params)
+    buffers = model_buffers(engine.module)
+    expected = set(params) | {name for name, _ in buffers}
     stored = set(reader.names("model"))
     if expected != stored:
         raise CheckpointError(f"{path}: parameters differ from the model: missing "
                               f"{sorted(expected - stored)[:5]}, unexpected {sorted(stored - expected)[:5]}")
+    for name, b in buffers:
+        if reader.full_shape(f"model/{name}") != list(b.shape):
+            raise CheckpointError(f"{path}: tensor 'model/{name}' has shape "
+                                  f"{reader.full_shape(f'model/{name}')}, the model expects {list(b.shape)}")
+        module, _, attr = name.rpartition(".")
+        setattr(engine.module.get_submodule(module), attr, reader.read(f"model/{name}").to(b.device))
     if load_optimizer:
         _ensure_optimizer_state(engine, state["step"])
     for name, p in params.items():

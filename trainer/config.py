@@ -15,9 +15,9 @@ from typing import Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from model.config import ModelConfig, PRESETS, check_preset, validate_model_config
+from model.config import ModelConfig, PRESETS, check_preset, resolve_granularity, validate_model_config
 
-STAGES = ("tokenize", "pretrain", "sft", "dpo", "export")
+STAGES = ("tokenize", "pretrain", "transition", "sft", "dpo", "export", "evaluate")
 
 
 @dataclass
@@ -75,6 +75,17 @@ class PretrainStage(TrainConfig):
 
 
 @dataclass
+class TransitionStage(PretrainStage):
+    """Transition tuning (trainer/transition.py): a Mixture of Tokens checkpoint becomes the token-choice
+    sparse MoE of the same experts (router from the controller, the checkpoint's model.top_k) and trains on."""
+    init: Optional[str] = "${pretrain.output}"  # a Mixture of Tokens run folder or checkpoint
+    valid_fraction: float = 0.05  # held-out documents: the loss before and after the switch is measured on them
+    output: str = "${run_dir}/transition"
+    steps: int = 50
+    warmup_steps: int = 5
+
+
+@dataclass
 class AnswerEvalConfig:
     """Greedy answers to held-out chat prompts at every evaluation (trainer.generation)."""
     eval_prompts: Optional[str] = None  # chat jsonl (last answers = references); sft: held_out (its split)
@@ -118,6 +129,28 @@ class ExportStage:
 
 
 @dataclass
+class EvaluateStage:
+    """Held-out evaluation (trainer/evaluate.py): perplexity and routing per corpus, passkey retrieval,
+    lm-eval tasks; eval.json and figures in `output`."""
+    checkpoint: str = "${pretrain.output}"  # a run folder, a checkpoint or an HF Mixtral folder
+    output: str = "${run_dir}/eval"
+    corpora: dict[str, str] = field(default_factory=dict)  # name -> .jsonl / .txt file or indexed prefix
+    text_field: str = "text"
+    seq_len: int = 0  # window of the perplexity and routing passes (0: the model's max_seq_len)
+    max_tokens: int = 16384  # predicted tokens per corpus (0: all)
+    batch_size: int = 8  # rows per forward pass
+    passkey_lengths: list[int] = field(default_factory=list)  # tokens; empty: max_seq_len / 8, / 4, / 2, x 1
+    passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    passkey_trials: int = 4  # keys per (length, depth) cell (0: no passkey test)
+    lm_eval_tasks: list[str] = field(default_factory=list)  # lm-evaluation-harness task names (optional package)
+    lm_eval_include: Optional[str] = "data/eval/lm_eval"  # folder of local task YAMLs
+    lm_eval_model: Optional[str] = None  # HF folder lm-eval runs on (default: `checkpoint` if it is one)
+    lm_eval_limit: int = 0  # examples per task (0: all)
+    dtype: str = "fp32"  # fp32 | bf16
+    seed: int = 0  # passkey keys
+
+
+@dataclass
 class LoggingConfig:
     wandb: str = "offline"  # offline | online (only when WANDB_API_KEY is set) | disabled
     project: str = "moe-train"
@@ -150,9 +183,11 @@ class RecipeConfig:
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     tokenize: TokenizeStage = field(default_factory=TokenizeStage)
     pretrain: PretrainStage = field(default_factory=PretrainStage)
+    transition: TransitionStage = field(default_factory=TransitionStage)
     sft: SFTStage = field(default_factory=SFTStage)
     dpo: DPOStage = field(default_factory=DPOStage)
     export: ExportStage = field(default_factory=ExportStage)
+    evaluate: EvaluateStage = field(default_factory=EvaluateStage)
 
 
 class ConfigError(ValueError):
@@ -192,6 +227,13 @@ def load_config(recipe: Optional[str] = None, overrides: Optional[list[str]] = N
             base = OmegaConf.merge(base, layer)
         except OmegaConfBaseException as e:
             raise ConfigError(f"{source}: {_describe(e)}") from e
+    explicit = {key for layer in layers for key in ("num_experts",)
+                if OmegaConf.select(layer, f"model.{key}") is not None}
+    try:
+        base = OmegaConf.merge(base, {"model": resolve_granularity(
+            OmegaConf.to_container(base.model, resolve=True), explicit)})
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     validate(base)
     return base
 
@@ -230,10 +272,11 @@ def validate(cfg: DictConfig) -> None:
     if p.moe_impl == "deepspeed" and p.tp > 1:
         raise ConfigError(f"parallel.moe_impl=deepspeed with parallel.tp={p.tp}: DeepSpeed's classic MoE splits "
                           "expert capacity over tp and never sums the partial expert gradients; use dropless")
-    for stage in ("pretrain", "sft"):
+    _validate_mixture_of_tokens(cfg)
+    for stage in ("pretrain", "transition", "sft"):
         if stage in cfg.stages and not 0 <= cfg[stage].valid_fraction < 1:
             raise ConfigError(f"{stage}.valid_fraction must be in [0, 1), got {cfg[stage].valid_fraction}")
-    for stage in ("pretrain", "sft", "dpo"):
+    for stage in ("pretrain", "transition", "sft", "dpo"):
         if stage in cfg.stages and cfg[stage].dtype not in ("fp32", "bf16"):
             raise ConfigError(f"{stage}.dtype must be fp32 or bf16, got {cfg[stage].dtype!r}")
         if stage in cfg.stages and cfg[stage].dtype == "bf16" and p.zero_stage == 0:
@@ -244,6 +287,48 @@ def validate(cfg: DictConfig) -> None:
             _validate_answer_eval(cfg[stage], stage)
     if "dpo" in cfg.stages and cfg.dpo.rpo_alpha < 0:
         raise ConfigError(f"dpo.rpo_alpha must be >= 0, got {cfg.dpo.rpo_alpha}")
+    if "evaluate" in cfg.stages:
+        validate_evaluate(cfg.evaluate)
+
+
+def validate_evaluate(e: DictConfig) -> None:
+    """The evaluate stage's settings and corpus files (a corpus made by an earlier stage of the recipe
+    may not exist yet: only .jsonl / .txt files are checked)."""
+    if e.dtype not in ("fp32", "bf16"):
+        raise ConfigError(f"evaluate.dtype must be fp32 or bf16, got {e.dtype!r}")
+    for key in ("seq_len", "max_tokens", "passkey_trials", "lm_eval_limit"):
+        if e[key] < 0:
+            raise ConfigError(f"evaluate.{key} must be >= 0, got {e[key]}")
+    if e.batch_size < 1 or any(n < 1 for n in e.passkey_lengths):
+        raise ConfigError(f"evaluate.batch_size and evaluate.passkey_lengths must be >= 1, got {e.batch_size} "
+                          f"and {list(e.passkey_lengths)}")
+    if any(not 0 <= d <= 1 for d in e.passkey_depths):
+        raise ConfigError(f"evaluate.passkey_depths must be in [0, 1], got {list(e.passkey_depths)}")
+    for name, path in e.corpora.items():
+        if Path(path).suffix in (".jsonl", ".txt") and not Path(path).is_file():
+            raise ConfigError(f"evaluate.corpora.{name}: no such file: {path}")
+    if e.lm_eval_tasks:
+        import importlib.util
+        if importlib.util.find_spec("lm_eval") is None:
+            raise ConfigError("evaluate.lm_eval_tasks needs lm-evaluation-harness: pip install lm-eval==0.4.13")
+
+
+def _validate_mixture_of_tokens(cfg: DictConfig) -> None:
+    if "transition" in cfg.stages and cfg.transition.valid_fraction <= 0:
+        raise ConfigError("transition.valid_fraction must be > 0: the loss before and after the switch to "
+                          "sparse is measured on the held-out documents")
+    if cfg.model.moe_type != "tokens":
+        return
+    if cfg.parallel.moe_impl != "dropless":
+        raise ConfigError("model.moe_type=tokens needs parallel.moe_impl=dropless")
+    for stage in ("sft", "dpo"):
+        if stage in cfg.stages:
+            raise ConfigError(f"model.moe_type=tokens in stage '{stage}': a Mixture of Tokens is a pretraining "
+                              "layer (it mixes the requests of a batch); run the transition stage and fine-tune "
+                              "its output with model.moe_type=sparse")
+    G, rows = cfg.model.mot_group_size, cfg.pretrain.micro_batch_size
+    if "pretrain" in cfg.stages and rows > G and rows % G:
+        raise ConfigError(f"pretrain.micro_batch_size ({rows}) is not divisible by model.mot_group_size ({G})")
 
 
 def _validate_answer_eval(scfg: DictConfig, stage: str) -> None:

@@ -59,15 +59,16 @@ def starting_source(mcfg: ModelConfig, init, seed: int):
 
 
 def build_model(mcfg: ModelConfig, init, seed: int, layout: Layout, pcfg,
-                dtype: torch.dtype = torch.float32) -> Mixtral:
-    """This rank's parallelized model with its starting weights (random with `seed`, or from `init`).
+                dtype: torch.dtype = torch.float32, source=None) -> Mixtral:
+    """This rank's parallelized model with its starting weights (random with `seed`, or from `init`, or
+    from `source` when given: any source of boxes, model/init.py).
 
     Built on the meta device, parallelized there (slicing meta tensors costs nothing), then each
     parameter is allocated on the device in `dtype` and filled with only the box of the logical tensor
     this rank holds (parallel/materialize.py): no rank ever holds the whole model. bf16 training
     materializes in bf16 directly: DeepSpeed casts the model to bf16 and derives its fp32 master
     weights from those, so the result is the same and no fp32 copy passes through memory."""
-    source = starting_source(mcfg, init, seed)
+    source = source or starting_source(mcfg, init, seed)
     with torch.device("meta"):
         model = Mixtral(mcfg)
     parallelize(model, layout, pcfg)

@@ -49,6 +49,9 @@ def export_checkpoint(checkpoint, out_dir, tokenizer=None, dtype="bf16", max_sha
     from data.tokenizer import load_tokenizer
 
     mcfg, source, cfg = read_model(checkpoint)
+    if mcfg.moe_type != "sparse":
+        raise CheckpointError(f"{checkpoint}: a Mixture of Tokens checkpoint has no Mixtral form; export the "
+                              "output of the transition stage (trainer/transition.py)")
     tok = load_tokenizer(tokenizer or cfg.tokenizer)
     export_hf(source, mcfg, out_dir, tokenizer=tok, max_shard_size=max_shard_size,
               dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
@@ -63,15 +66,15 @@ def export_checkpoint(checkpoint, out_dir, tokenizer=None, dtype="bf16", max_sha
 
 
 def generate(hf_dir, tokenizer, prompt: str, max_new_tokens: int = 40, chat_tokenizer=None) -> str:
-    """Greedy continuation of `prompt` by transformers' MixtralForCausalLM loaded from `hf_dir`; with
+    """Greedy continuation of `prompt` by the transformers model loaded from `hf_dir`; with
     chat_tokenizer (a data.chat.instruct_tokenizer spec) the prompt is a user turn formatted by
     mistral-common, and generation stops at </s>."""
     import torch
-    from transformers import MixtralForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from data.chat import encode_messages, instruct_tokenizer
 
-    model = MixtralForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     if chat_tokenizer is None:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
     else:

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from model.moe import update_expert_bias
+
 from . import distributed as D
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .metrics import RunLogger
@@ -82,6 +84,8 @@ def train(stage: str, scfg: DictConfig, cfg: DictConfig, engine, task, layout, m
                 sums[k] = sums.get(k, 0.0) + v
         step += 1
         last = task.reduce_metrics(sums, layout)
+        if model_cfg.router_bias_rate:  # aux-loss-free balancing, from the step's global expert load
+            update_expert_bias(engine.module, last["expert_load"], model_cfg.router_bias_rate)
         last.update(lr=engine.get_lr()[0], grad_norm=_grad_norm(engine),
                     step_time=time.perf_counter() - t0)
         logger.log(step, last, tokens=processed)

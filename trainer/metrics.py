@@ -33,6 +33,19 @@ def device_peak_flops() -> float:
     return 0.0
 
 
+def open_wandb(cfg: DictConfig, stage: str, out: Path):
+    """The stage's wandb run (run name `<run_dir name>-<stage>`, files in `out`), or None when disabled.
+    The WANDB_MODE environment variable wins over logging.wandb (CI: disabled); online needs a key."""
+    mode = os.environ.get("WANDB_MODE", cfg.logging.wandb)
+    if mode == "online" and not os.environ.get("WANDB_API_KEY"):
+        mode = "offline"
+    if mode == "disabled":
+        return None
+    import wandb
+    return wandb.init(project=cfg.logging.project, name=f"{Path(cfg.run_dir).name}-{stage}", dir=str(out),
+                      mode=mode, resume="allow", config=OmegaConf.to_container(cfg, resolve=True))
+
+
 class RunLogger:
     def __init__(self, out: Path, stage: str, cfg: DictConfig, scfg: DictConfig, model_cfg, layout,
                  resumed_from=None):
@@ -48,14 +61,7 @@ class RunLogger:
         if resumed_from is not None:
             print(f"[{stage}] resumed from step {resumed_from} "
                   f"(SLURM_RESTART_COUNT={os.environ.get('SLURM_RESTART_COUNT', 0)})", flush=True)
-        mode = os.environ.get("WANDB_MODE", cfg.logging.wandb)  # the environment wins (CI: disabled)
-        if mode == "online" and not os.environ.get("WANDB_API_KEY"):
-            mode = "offline"
-        if mode != "disabled":
-            import wandb
-            self.wandb = wandb.init(project=cfg.logging.project, name=f"{Path(cfg.run_dir).name}-{stage}",
-                                    dir=str(out), mode=mode, resume="allow",
-                                    config=OmegaConf.to_container(cfg, resolve=True))
+        self.wandb = open_wandb(cfg, stage, out)
         if cfg.logging.progress:
             from tqdm import tqdm
             self.bar = tqdm(total=self.total, initial=resumed_from or 0, desc=stage, dynamic_ncols=True)

@@ -1,4 +1,5 @@
-"""The stages of a recipe and their chain: tokenize -> pretrain -> sft -> dpo -> export.
+"""The stages of a recipe and their chain: tokenize -> pretrain -> transition (from a Mixture
+of Tokens to sparse, trainer/transition.py) -> sft -> dpo -> export -> evaluate.
 
 Each stage writes into its own output folder and marks it with `DONE` when it has finished; a
 re-run skips finished stages (or redoes them with force=True). Stages find their inputs by
@@ -98,6 +99,12 @@ def make_task(stage, scfg, cfg, mcfg, layout):
     return DPOTask(scfg, cfg, mcfg, layout)
 
 
+def run_transition(cfg: DictConfig) -> bool:
+    from .transition import transition_tuning
+
+    return transition_tuning(cfg)
+
+
 def run_export(cfg: DictConfig) -> bool:
     from .export import export_checkpoint
 
@@ -107,10 +114,20 @@ def run_export(cfg: DictConfig) -> bool:
     return True
 
 
+def run_evaluate(cfg: DictConfig) -> bool:
+    from .evaluate import evaluate_stage
+
+    if D.is_main():
+        evaluate_stage(cfg)
+    return True
+
+
 RUNNERS = {
     "tokenize": run_tokenize,
     "pretrain": lambda cfg: run_training("pretrain", cfg),
+    "transition": run_transition,
     "sft": lambda cfg: run_training("sft", cfg),
     "dpo": lambda cfg: run_training("dpo", cfg),
     "export": run_export,
+    "evaluate": run_evaluate,
 }

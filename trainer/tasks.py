@@ -31,12 +31,14 @@ def to_device(batch: dict) -> dict:
 def lm_loss_sum(engine, batch, layout):
     """(summed next-token loss over the labels != -100, router stats) of one micro-batch. Without tp the
     LM head is fused with the loss (model.loss: the (N, V) logits never exist whole, 1.4x the tokens/s
-    on the CPU, bench/RESULTS.md); with tp the logits stay vocab-sharded for the parallel loss."""
+    on the CPU, bench/RESULTS.md); with tp the logits stay vocab-sharded for the parallel loss.
+    batch["mix_mask"], when present, names the positions a Mixture of Tokens layer may mix."""
+    mix_mask = batch.get("mix_mask")
     if layout.tp > 1:
-        logits, stats = engine(batch["tokens"], batch["position_ids"])
+        logits, stats = engine(batch["tokens"], batch["position_ids"], mix_mask)
         return vocab_parallel_cross_entropy(logits, batch["labels"], layout.tp_group).sum(), stats
     model = engine.module
-    hidden, stats = model.hidden(batch["tokens"], batch["position_ids"])
+    hidden, stats = model.hidden(batch["tokens"], batch["position_ids"], mix_mask)
     loss = fused_linear_cross_entropy(hidden.flatten(0, 1), model.output.weight, batch["labels"].flatten())
     return loss, stats
 
@@ -135,6 +137,7 @@ class PretrainTask:
             for rows in eval_batches(self.valid.rows_per_epoch, self.scfg.micro_batch_size, layout,
                                      self.scfg.eval_batches):
                 batch = to_device(self.valid.batch_of(rows))
+                batch["mix_mask"] = batch["labels"] != -100  # filler rows mix into no other row
                 loss_sum += lm_loss_sum(engine, batch, layout)[0].item()
                 tokens += self.num_loss_tokens(batch)
         engine.train()
