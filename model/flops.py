@@ -17,15 +17,19 @@ from .config import ModelConfig
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
-    """Parameters of Mixtral(cfg) by group: embedding, attention, norms, router, experts, output."""
+    """Parameters of Mixtral(cfg) by group: embedding, attention, norms, router, experts (routed), ffn
+    (always-on feed-forward: the shared experts and their gates, the dense layers' MLPs), output."""
     D, L, Dh = cfg.dim, cfg.num_layers, cfg.head_size
+    moe_layers = L - cfg.dense_layers
     attention = D * cfg.num_heads * Dh * 2 + D * cfg.num_kv_heads * Dh * 2  # wq, wo; wk, wv
+    shared = 3 * D * cfg.shared_expert_dim + (D if cfg.shared_expert_gate else 0)
     return {
         "embedding": cfg.vocab_size * D,
         "attention": L * attention,
         "norms": L * 2 * D + D,
-        "router": L * cfg.num_experts * D,
-        "experts": L * cfg.num_experts * 3 * D * cfg.expert_dim,  # w1, w3 (D, F); w2 (F, D)
+        "router": moe_layers * cfg.num_experts * D,
+        "experts": moe_layers * cfg.num_experts * 3 * D * cfg.expert_dim,  # w1, w3 (D, F); w2 (F, D)
+        "ffn": moe_layers * shared + cfg.dense_layers * 3 * D * cfg.dense_size,
         "output": cfg.vocab_size * D,
     }
 
@@ -53,7 +57,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     window = cfg.sliding_window
     keys = min(window, seq_len) if window is not None else seq_len
     parts = {
-        "dense": 6 * (c["attention"] + c["norms"] + c["output"]),
+        "dense": 6 * (c["attention"] + c["norms"] + c["ffn"] + c["output"]),
         "router": 6 * c["router"],
         "experts": 6 * c["experts"] * expert_share(cfg),
         "attention": 12 * cfg.num_layers * cfg.num_heads * cfg.head_size * keys,

@@ -16,8 +16,8 @@ def test_small_config_by_hand():
     # attention per layer: wq 8*(2*4) = 64, wk 8*(1*4) = 32, wv 32, wo 64 -> 192; 2 layers -> 384
     # norms: 2 per layer * 8 * 2 layers + final 8 = 40
     # router: 4 experts * 8 * 2 layers = 64
-    # experts: 2 layers * 4 experts * 3 matrices * 8 * 6 = 1152
-    expected = dict(embedding=80, attention=384, norms=40, router=64, experts=1152, output=80)
+    # experts: 2 layers * 4 experts * 3 matrices * 8 * 6 = 1152; no shared expert, no dense layer
+    expected = dict(embedding=80, attention=384, norms=40, router=64, experts=1152, ffn=0, output=80)
     assert param_counts(cfg) == expected
     assert total_params(cfg) == 80 + 384 + 40 + 64 + 1152 + 80 == 1800
     assert active_params(cfg) == 1800 - 1152 + 1152 * 2 // 4 == 1224
@@ -29,6 +29,13 @@ def test_small_config_by_hand():
     assert f["attention"] == 12 * 2 * 2 * 4 * 16 == 3072  # 12 * layers * heads * head_dim * seq, no halving
     assert f["total"] == 3024 + 384 + 3456 + 3072 == 9936
 
+    # layer 0 dense (MLP of hidden top_k * expert_dim = 12), layer 1 with a gated shared expert of hidden 5
+    mixed = model_config(**SMALL, dense_layers=1, shared_expert_dim=5, shared_expert_gate=True)
+    c = param_counts(mixed)
+    assert (c["router"], c["experts"]) == (32, 576)  # one MoE layer left
+    assert c["ffn"] == 3 * 8 * 12 + (3 * 8 * 5 + 8) == 416
+    assert flops_per_token(mixed, seq_len=16)["dense"] == 6 * (384 + 40 + 416 + 80)
+
     windowed = flops_per_token(model_config(**SMALL, sliding_window=4), seq_len=16)
     assert windowed["attention"] == 12 * 2 * 2 * 4 * 4 == 768  # min(window 4, seq 16) keys per query
     assert windowed["total"] == 9936 - 3072 + 768
@@ -37,7 +44,8 @@ def test_small_config_by_hand():
     assert mfu(tokens_per_second=1000, flops_per_token=9936, peak_flops=1e8) == pytest.approx(0.09936)
 
 
-@pytest.mark.parametrize("overrides", [SMALL, dict(preset="tiny"), dict(preset="debug")])
+@pytest.mark.parametrize("overrides", [SMALL, dict(preset="tiny"), dict(preset="debug"),
+                                       dict(SMALL, dense_layers=1, shared_expert_dim=5, shared_expert_gate=True)])
 def test_total_params_equal_the_module(overrides):
     cfg = model_config(**overrides)
     model = Mixtral(cfg)

@@ -1,7 +1,8 @@
 """The README's quickstart recipe end to end (shortened): tokenize, pretrain the tiny preset with a held-out
-document, export, load the export with transformers and generate."""
+document, export, load the export with transformers and generate, evaluate."""
 
 import ast
+import json
 import re
 
 import torch
@@ -56,5 +57,19 @@ def test_quickstart_learns_beyond_unigram_and_exports(tmp_path):
     ours = greedy_with_our_model(latest_checkpoint(tmp_path / "pretrain/checkpoints"), prompt, 40, tok.eos_token_id)
     assert ast.literal_eval(sample.group(1)) == tok.decode(ours, skip_special_tokens=True)
 
+    # the evaluate stage: the held-out play (as in pretraining's eval/loss), code and arithmetic, each
+    # with routing shares over the 8 experts, and the passkey grid; figures beside eval.json
+    report = json.loads((tmp_path / "eval/eval.json").read_text())
+    assert set(report["corpora"]) == {"plays", "code", "math"}
+    plays = report["corpora"]["plays"]
+    assert plays["tokens"] == 4096 and abs(plays["loss"] - held_out["eval/loss"]) < 0.5, (plays, held_out)
+    for corpus in report["corpora"].values():
+        for layer in corpus["routing"].values():
+            assert len(layer["share"]) == 8 and abs(sum(layer["share"]) - 1) < 1e-6
+    grid = report["passkey"]["accuracy"]
+    assert len(grid) == len(report["passkey"]["depths"]) and all(len(r) == len(report["passkey"]["lengths"]) for r in grid)
+    for figure in ("perplexity", "expert_shares", "repeat_first", "repeat_any", "passkey"):
+        assert (tmp_path / f"eval/{figure}.png").is_file(), figure
+
     rerun = run_cli(*args)
-    assert rerun.stdout.count("already done") == 3
+    assert rerun.stdout.count("already done") == 4

@@ -1,5 +1,5 @@
-"""lm-evaluation-harness (EleutherAI's `lm-eval`, an optional dependency: `pip install lm-eval==0.4.13`)
-on a Hugging Face Mixtral folder, with transformers as its backend ("hf" model).
+"""lm-evaluation-harness (EleutherAI's `lm-eval`, pinned in requirements.txt and imported only when tasks
+are asked for) on a Hugging Face Mixtral folder, with transformers as its backend ("hf" model).
 
 Tasks are lm-eval task names: the harness' own (they download their data from the Hub) or those of
 YAML files in `include_path`, such as data/eval/lm_eval/ (local data, runs offline). The result per

@@ -36,9 +36,10 @@ GIB = 2 ** 30
 
 
 def local_params(cfg: ModelConfig, tp: int = 1, ep: int = 1, expert_tp: bool = False) -> dict:
-    """Parameters one rank holds: {"dense", "experts"} (dense = everything but the experts)."""
+    """Parameters one rank holds: {"dense", "experts"} (dense = everything but the routed experts; the
+    shared experts and dense layers' MLPs are replicated over tensor parallelism)."""
     c = param_counts(cfg)
-    dense = (c["embedding"] + c["output"] + c["attention"]) / tp + c["norms"] + c["router"]
+    dense = (c["embedding"] + c["output"] + c["attention"]) / tp + c["norms"] + c["router"] + c["ffn"]
     return {"dense": dense, "experts": c["experts"] / ep / (tp if expert_tp else 1)}
 
 
