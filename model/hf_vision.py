@@ -18,8 +18,8 @@ from typing import Union
 
 import torch
 
-from .hf import (HFCheckpointError, check_tensors, from_hf, hf_config, index_folder, model_config_from_hf, to_hf,
-                 write_hf_folder)
+from .hf import (HFCheckpointError, check_tensors, from_hf, hf_config, index_folder, model_config_from_hf,
+                 to_hf, write_hf_folder)
 from .hf_families import hf_family
 from .multimodal import MultimodalConfig, validate_multimodal_config
 from .vision import VisionConfig, VisionEncoder, validate_vision_config
@@ -53,7 +53,8 @@ def vision_config_from_hf(hf_cfg, source: str = "HF vision config") -> VisionCon
     model_type or activation, a head_dim other than hidden_size / heads) is an HFCheckpointError."""
     d = hf_cfg.to_dict() if hasattr(hf_cfg, "to_dict") else dict(hf_cfg)
     rope = d.get("rope_parameters") or {}
-    checks = [("model_type", d.get("model_type", "pixtral"), "pixtral"), ("hidden_act", d.get("hidden_act"), "silu"),
+    checks = [("model_type", d.get("model_type", "pixtral"), "pixtral"),
+              ("hidden_act", d.get("hidden_act"), "silu"),
               ("rope_parameters.rope_type", rope.get("rope_type", "axial"), "axial"),
               ("head_dim", d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"],
                d["hidden_size"] // d["num_attention_heads"])]
@@ -63,8 +64,9 @@ def vision_config_from_hf(hf_cfg, source: str = "HF vision config") -> VisionCon
     size = d.get("image_size", 1024)
     cfg = VisionConfig(
         dim=d["hidden_size"], num_layers=d["num_hidden_layers"], num_heads=d["num_attention_heads"],
-        ffn_dim=d["intermediate_size"], patch_size=d.get("patch_size", 16), num_channels=d.get("num_channels", 3),
-        rope_theta=float(rope.get("rope_theta", 10000.0)), max_image_size=max(size) if isinstance(size, list) else size,
+        ffn_dim=d["intermediate_size"], patch_size=d.get("patch_size", 16),
+        num_channels=d.get("num_channels", 3), rope_theta=float(rope.get("rope_theta", 10000.0)),
+        max_image_size=max(size) if isinstance(size, list) else size,
         init_std=d.get("initializer_range", 0.02))
     try:
         validate_vision_config(cfg)
@@ -83,7 +85,8 @@ def vision_hub_names(cfg: VisionConfig) -> dict[str, str]:
     """Our name -> PixtralVisionModel's name."""
     out = {"patch_embed.weight": "patch_conv.weight", "patch_norm.weight": "ln_pre.weight"}
     for i in range(cfg.num_layers):
-        out |= {f"layers.{i}.{ours}": f"transformer.layers.{i}.{hf}" for ours, hf in VISION_LAYER_TO_HF.items()}
+        out |= {f"layers.{i}.{ours}": f"transformer.layers.{i}.{hf}"
+                for ours, hf in VISION_LAYER_TO_HF.items()}
     return out
 
 
@@ -121,8 +124,8 @@ PROJECTOR_TO_HF = {"w1.weight": "linear_1.weight", "w1.bias": "linear_1.bias",
                    "w2.weight": "linear_2.weight", "w2.bias": "linear_2.bias"}
 PREFIXES = {"decoder.": "language_model.", "vision.": "vision_tower.", "projector.": "multi_modal_projector."}
 # what our model computes, in LlavaConfig's terms: the last encoder layer, every patch, a GELU projector
-LLAVA_FIXED = {"vision_feature_layer": -1, "vision_feature_select_strategy": "full", "projector_hidden_act": "gelu",
-               "multimodal_projector_bias": True}
+LLAVA_FIXED = {"vision_feature_layer": -1, "vision_feature_select_strategy": "full",
+               "projector_hidden_act": "gelu", "multimodal_projector_bias": True}
 
 
 def llava_config(cfg: MultimodalConfig, bos_token_id: int = 1, eos_token_id: int = 2) -> dict:
@@ -130,8 +133,10 @@ def llava_config(cfg: MultimodalConfig, bos_token_id: int = 1, eos_token_id: int
     from transformers import LlavaConfig
 
     patches = cfg.vision.max_image_size // cfg.vision.patch_size
-    config = LlavaConfig(vision_config=pixtral_config(cfg.vision), text_config=hf_config(cfg.text, bos_token_id, eos_token_id),
-                         image_token_index=cfg.image_token_id, image_seq_length=patches * patches, **LLAVA_FIXED)
+    config = LlavaConfig(vision_config=pixtral_config(cfg.vision),
+                         text_config=hf_config(cfg.text, bos_token_id, eos_token_id),
+                         image_token_index=cfg.image_token_id, image_seq_length=patches * patches,
+                         **LLAVA_FIXED)
     return config.to_dict() | {"architectures": ["LlavaForConditionalGeneration"]}
 
 
@@ -163,8 +168,8 @@ def projector_shapes(cfg: MultimodalConfig) -> dict[str, tuple]:
     return {"w1.weight": (D, Dv), "w1.bias": (D,), "w2.weight": (D, D), "w2.bias": (D,)}
 
 
-def export_multimodal_hf(state_dict: dict, cfg: MultimodalConfig, out_dir, tokenizer=None, dtype=torch.bfloat16,
-                         max_shard_size: Union[int, str] = "2GB") -> Path:
+def export_multimodal_hf(state_dict: dict, cfg: MultimodalConfig, out_dir, tokenizer=None,
+                         dtype=torch.bfloat16, max_shard_size: Union[int, str] = "2GB") -> Path:
     """Write a LlavaForConditionalGeneration folder (model/hf.py's write_hf_folder: shards, index,
     generation config, tokenizer files) from our whole state dict."""
     bos = getattr(tokenizer, "bos_token_id", None)
@@ -180,11 +185,15 @@ def multimodal_config_from_hf(d: dict, source: str = "HF config") -> MultimodalC
     our model does not compute (LLAVA_FIXED) is an HFCheckpointError naming the key."""
     if d.get("model_type") != "llava":
         raise HFCheckpointError(f"{source}: model_type {d.get('model_type')!r} is not 'llava'")
+    if d["text_config"].get("model_type", "mixtral") != "mixtral":  # from_hf reads Mixtral's tensor names
+        raise HFCheckpointError(f"{source}: text_config.model_type {d['text_config']['model_type']!r} "
+                                "is not 'mixtral'")
     defaults = {"vision_feature_layer": -2, "vision_feature_select_strategy": "default",
                 "projector_hidden_act": "gelu", "multimodal_projector_bias": True}  # LlavaConfig's
     for key, supported in LLAVA_FIXED.items():
         if d.get(key, defaults[key]) != supported:
-            raise HFCheckpointError(f"{source}: {key}={d.get(key, defaults[key])!r} is not supported (only {supported!r})")
+            raise HFCheckpointError(f"{source}: {key}={d.get(key, defaults[key])!r} is not supported "
+                                    f"(only {supported!r})")
     cfg = MultimodalConfig(vision=vision_config_from_hf(d["vision_config"], f"{source} vision_config"),
                            text=model_config_from_hf(d["text_config"], f"{source} text_config"),
                            image_token_id=d.get("image_token_index", 32000))
@@ -208,9 +217,10 @@ def import_multimodal_hf(path) -> tuple[MultimodalConfig, dict[str, torch.Tensor
     for file in sorted(set(where.values())):
         hf |= load_file(str(file))
     parts = split_state_dict(hf, {v: k for k, v in PREFIXES.items()}, f"HF checkpoint {path}")
-    check_tensors(parts["multi_modal_projector."], {PROJECTOR_TO_HF[k]: s for k, s in projector_shapes(cfg).items()},
-                  f"HF checkpoint {path} multi_modal_projector")
+    source = f"HF checkpoint {path}"
+    check_tensors(parts["multi_modal_projector."],
+                  {PROJECTOR_TO_HF[k]: s for k, s in projector_shapes(cfg).items()}, source)
     projector = {k: parts["multi_modal_projector."][hf_name] for k, hf_name in PROJECTOR_TO_HF.items()}
-    out = {"decoder." + k: v for k, v in from_hf(parts["language_model."], cfg.text, f"HF checkpoint {path}").items()}
-    out |= {"vision." + k: v for k, v in vision_from_hf(parts["vision_tower."], cfg.vision, f"HF checkpoint {path}").items()}
+    out = {"decoder." + k: v for k, v in from_hf(parts["language_model."], cfg.text, source).items()}
+    out |= {"vision." + k: v for k, v in vision_from_hf(parts["vision_tower."], cfg.vision, source).items()}
     return cfg, out | {"projector." + k: v for k, v in projector.items()}

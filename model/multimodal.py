@@ -73,6 +73,12 @@ class Multimodal(nn.Module):
         """The decoder as Mixtral.init_weights(seed) (a text model of that seed, unchanged), the encoder
         under its own names, the projector Normal(0, text init_std) with zero biases."""
         self.decoder.init_weights(seed)
+        self.init_image_side(seed)
+
+    @torch.no_grad()
+    def init_image_side(self, seed: int):
+        """The encoder and the projector of init_weights(seed), the decoder untouched (a text model
+        given a fresh encoder)."""
         self.vision.init_weights(seed)
         source = RandomInit(self.cfg.text.init_std, seed)
         for name, p in self.projector.named_parameters():
@@ -94,19 +100,32 @@ class Multimodal(nn.Module):
         """Mixtral.hidden with the image features in place of the [IMG] embeddings.
 
         They are put in by a hook on the decoder's embedding, active for this call only, so the decoder
-        (and a parallel rewrite of its layers) runs unchanged. A count of [IMG] tokens that differs
-        from the images' patches is a ValueError."""
+        and its tensor- or expert-parallel rewrite (parallel/parallelize.py, applied to `self.decoder`)
+        run unchanged; sequence parallelism, whose embedding output holds a slice of the sequence, is
+        refused. A count of [IMG] tokens that differs from the images' patches is a ValueError.
+
+        The encoder and projector are replicated on every rank, not tensor-parallel: they are small
+        next to the decoder (Pixtral-12B's 0.4 B of 12.4 B parameters), every tp rank computes the
+        same features from the same images, and the gradient reaching them through the decoder's
+        replicated residual stream is already whole on each tp rank (the column-parallel layers'
+        input copy all-reduces it in backward), so they need no collective of their own; over dp they
+        are ordinary dense parameters."""
         is_image = tokens == self.cfg.image_token_id
-        features = self.image_features(images) if images else None
-        expected = 0 if features is None else features.shape[0]
+        images = images or []
+        expected = sum(rows * cols for rows, cols in map(self.vision.grid, images))
         found = int(is_image.sum())
         if found != expected:
             raise ValueError(f"multimodal: {found} image tokens (id {self.cfg.image_token_id}) in the batch, "
-                             f"but its {len(images or [])} images give {expected} patches")
-        if features is None:
+                             f"but its {len(images)} images give {expected} patches")
+        if not images:
             return self.decoder.hidden(tokens, position_ids, mix_mask)
+        features = self.image_features(images)
 
         def put_images(module, args, embeddings):  # (B, T, D)
+            if embeddings.shape[:2] != is_image.shape:
+                raise ValueError(f"multimodal: the decoder's embedding gave {tuple(embeddings.shape)} for "
+                                 f"tokens {tuple(is_image.shape)}; image features need the whole sequence "
+                                 "(a sequence-parallel decoder shards it: run it with parallel.sp=false)")
             return embeddings.masked_scatter(is_image[..., None], features.to(embeddings.dtype))
 
         hook = self.decoder.tok_embeddings.register_forward_hook(put_images)

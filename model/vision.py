@@ -68,7 +68,8 @@ def validate_vision_config(c: VisionConfig) -> None:
     for name in ("dim", "num_layers", "num_heads", "ffn_dim", "patch_size", "num_channels", "max_image_size"):
         need(getattr(c, name) > 0, f"{name} must be positive, got {getattr(c, name)}")
     need(c.dim % c.num_heads == 0, f"dim ({c.dim}) is not divisible by num_heads ({c.num_heads})")
-    need(c.head_dim % 4 == 0, f"head_dim = dim / num_heads ({c.head_dim}) must be a multiple of 4 for RoPE-2D")
+    need(c.head_dim % 4 == 0,
+         f"head_dim = dim / num_heads ({c.head_dim}) must be a multiple of 4 for RoPE-2D")
     need(c.max_image_size % c.patch_size == 0,
          f"max_image_size ({c.max_image_size}) is not a multiple of patch_size ({c.patch_size})")
 
@@ -76,7 +77,8 @@ def validate_vision_config(c: VisionConfig) -> None:
 def rope_2d(rows: torch.Tensor, cols: torch.Tensor, head_dim: int, theta: float, dtype):
     """(N,) patch rows and columns -> cos, sin (1, 1, N, Dh) for `apply_rotary`."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=rows.device).float() / head_dim)
-    angles = torch.cat((rows[:, None].float() * inv_freq[0::2], cols[:, None].float() * inv_freq[1::2]), dim=-1)
+    angles = torch.cat((rows[:, None].float() * inv_freq[0::2],  # (N, Dh/4): even frequencies by row
+                        cols[:, None].float() * inv_freq[1::2]), dim=-1)  # odd ones by column
     emb = torch.cat((angles, angles), dim=-1)[None, None]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -115,7 +117,8 @@ class VisionEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         P = cfg.patch_size
-        self.patch_embed = nn.Linear(cfg.num_channels * P * P, cfg.dim, bias=False)  # columns in (C, P, P) order
+        # the patch convolution as a matmul on flattened patches, columns in (C, P, P) order
+        self.patch_embed = nn.Linear(cfg.num_channels * P * P, cfg.dim, bias=False)
         self.patch_norm = RMSNorm(cfg.dim, NORM_EPS)
         self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.num_layers))
 

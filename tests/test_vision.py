@@ -74,8 +74,9 @@ def test_conversion_names_the_bad_tensor():
     sd = vision_to_hf(VisionEncoder(CFG).state_dict(), CFG)
     del sd["transformer.layers.1.feed_forward.up_proj.weight"]
     sd["transformer.layers.1.feed_forward.w3.weight"] = torch.zeros(64, 32)
-    with pytest.raises(HFCheckpointError, match=r"missing tensor 'transformer.layers.1.feed_forward.up_proj.weight'"
-                                                r".*unexpected tensor 'transformer.layers.1.feed_forward.w3.weight'"):
+    layer = "transformer.layers.1.feed_forward"
+    with pytest.raises(HFCheckpointError, match=f"missing tensor '{layer}.up_proj.weight'.*unexpected tensor "
+                                                f"'{layer}.w3.weight'"):
         vision_from_hf(sd, CFG)
 
 
