@@ -22,16 +22,61 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _aligned(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """torch._grouped_mm needs 16-byte aligned row strides (and bf16 on CUDA); otherwise a loop does it."""
+    aligned = all((s * x.element_size()) % 16 == 0 for s in (x.shape[-1], w.shape[-1]))
+    return aligned and (x.device.type == "cpu" or x.dtype == torch.bfloat16)
+
+
+def _bounds(offsets: torch.Tensor) -> list[int]:
+    return [0] + offsets.tolist()
+
+
+@torch.library.custom_op("moe_train::grouped_mm", mutates_args=())
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Rows x[offsets[e-1]:offsets[e]] @ w[e] for each e. x (N, K), w (E, K, M), offsets (E,) int32.
 
-    torch._grouped_mm needs 16-byte aligned strides (and bf16 on CUDA); otherwise a loop does it.
+    A custom op over the private torch._grouped_mm (the one place it is called, with _grouped_weight_grad):
+    torch.compile traces it through its own fake (shape) function and backward, where the built-in op's
+    meta function would refuse fp32 inputs, and the loop fallback stays out of the traced graph.
     """
-    aligned = all((s * x.element_size()) % 16 == 0 for s in (x.shape[1], w.shape[2]))
-    if aligned and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
+    if _aligned(x, w):
         return torch._grouped_mm(x, w, offs=offsets)
-    bounds = [0] + offsets.tolist()
-    return torch.cat([x[bounds[e]:bounds[e + 1]] @ w[e] for e in range(w.shape[0])])
+    b = _bounds(offsets)
+    return torch.cat([x[b[e]:b[e + 1]] @ w[e] for e in range(w.shape[0])])
+
+
+@torch.library.custom_op("moe_train::grouped_weight_grad", mutates_args=())
+def _grouped_weight_grad(x: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """d(grouped_mm)/dw: (E, K, M) whose slice e is x[rows of e]^T @ grad[rows of e]."""
+    if _aligned(x, grad):
+        return torch._grouped_mm(x.t(), grad, offs=offsets)
+    b = _bounds(offsets)
+    return torch.stack([x[b[e]:b[e + 1]].t() @ grad[b[e]:b[e + 1]] for e in range(offsets.shape[0])])
+
+
+@grouped_mm.register_fake
+def _(x, w, offsets):
+    return x.new_empty(x.shape[0], w.shape[2])
+
+
+@_grouped_weight_grad.register_fake
+def _(x, grad, offsets):
+    return x.new_empty(offsets.shape[0], x.shape[1], grad.shape[1])
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_backward(ctx, grad):
+    x, w, offsets = ctx.saved_tensors
+    grad_x = grouped_mm(grad, w.transpose(1, 2), offsets) if ctx.needs_input_grad[0] else None
+    grad_w = _grouped_weight_grad(x, grad, offsets) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_w, None
+
+
+grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
 
 
 def swiglu_experts(x: torch.Tensor, w1, w3, w2, counts: torch.Tensor) -> torch.Tensor:

@@ -135,7 +135,7 @@ def sum_replicated_grads_over_tp(model: nn.Module, group) -> None:
 
 SAVED_BY_SELECTIVE = {  # outputs kept by selective checkpointing: the matmuls and attention
     torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-    torch.ops.aten._grouped_mm.default, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.moe_train.grouped_mm.default, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,

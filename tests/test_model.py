@@ -145,6 +145,26 @@ def test_moe_equals_transformers_sparse_moe_block(dim, expert_dim):
     assert (down_grad - block.experts.down_proj.grad).abs().max() < 1e-4 and down_grad[4:].abs().max() == 0
 
 
+@pytest.mark.parametrize("dim,out", [(64, 32), (20, 10)], ids=["grouped_mm", "unaligned-loop"])
+def test_grouped_mm_traces_under_torch_compile(dim, out):
+    """model.moe.grouped_mm wraps the private torch._grouped_mm as a custom op: torch.compile traces it
+    (fullgraph, fp32: the built-in op's meta function refuses fp32) and its backward equals a plain loop,
+    an empty group included."""
+    from model.moe import grouped_mm
+
+    torch.manual_seed(0)
+    counts = torch.tensor([5, 0, 9, 2])
+    x, w = torch.randn(16, dim, requires_grad=True), torch.randn(4, dim, out, requires_grad=True)
+    bounds = [0] + counts.cumsum(0).tolist()
+    plain = torch.cat([x[bounds[e]:bounds[e + 1]] @ w[e] for e in range(4)])
+    compiled = torch.compile(grouped_mm, backend="aot_eager", fullgraph=True)
+    got = compiled(x, w, counts.cumsum(0).to(torch.int32))
+    torch.testing.assert_close(got, plain)
+    g = torch.randn_like(plain)
+    for a, b in zip(torch.autograd.grad(got, (x, w), g), torch.autograd.grad(plain, (x, w), g)):
+        torch.testing.assert_close(a, b)
+
+
 def test_aux_loss_equals_transformers_and_z_loss_equals_formula():
     model = build()
     hf = hf_twin(model)

@@ -48,7 +48,7 @@ def test_checkpointing_modes_recompute_what_they_say():
             torch.testing.assert_close(got, want, rtol=0, atol=0)
     backward = runs["none"][1]
     full, selective = runs["full"][1], runs["selective"][1]
-    for op in ("mm", "_grouped_mm"):
+    for op in ("mm", "grouped_mm"):  # grouped_mm: model.moe's custom op
         assert full[op] > backward[op], (op, full, backward)
         assert selective[op] == backward[op], (op, selective, backward)
     assert full.get("_scaled_dot_product_flash_attention_for_cpu", 0) == cfg.num_layers
