@@ -13,6 +13,7 @@ import os
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from itertools import chain
 
 import numpy as np
 
@@ -22,8 +23,8 @@ _worker = {}  # this worker process's tokenizer and the ids around each document
 
 
 def worker_count(num_workers) -> int:
-    """`num_workers`, or every core of the machine when it is 0 or None."""
-    return int(num_workers) if num_workers else os.cpu_count()
+    """`num_workers`, or every core this process may run on when it is 0 or None."""
+    return int(num_workers) if num_workers else len(os.sched_getaffinity(0))
 
 
 def _init_worker(tokenizer_json: str, head: list, tail: list, dtype: str) -> None:
@@ -39,7 +40,7 @@ def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     tok, head, tail = _worker["tokenizer"], _worker["head"], _worker["tail"]
     docs = [head + tok.encode(text, add_special_tokens=False).ids + tail for text in texts]
     lengths = np.array([len(d) for d in docs], np.int64)
-    return np.fromiter((t for d in docs for t in d), _worker["dtype"], int(lengths.sum())), lengths
+    return np.fromiter(chain.from_iterable(docs), _worker["dtype"], int(lengths.sum())), lengths
 
 
 def _text_batches(inputs: list, text_field: str, batch_chars: int) -> Iterator[list[str]]:
@@ -56,7 +57,7 @@ def _text_batches(inputs: list, text_field: str, batch_chars: int) -> Iterator[l
 
 
 def encoded_documents(inputs: list, tokenizer, text_field: str = "text", num_workers: int = 1,
-                      batch_chars: int = 1 << 20) -> Iterator[np.ndarray]:
+                      batch_chars: int = 1 << 18) -> Iterator[np.ndarray]:
     """Every document of `inputs` (folders expanded) as <s> ids </s>, in order; with num_workers > 1
     encoded by that many processes (0 or None: every core)."""
     from .indexed import token_dtype

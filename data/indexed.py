@@ -133,7 +133,7 @@ class IndexedDataset:
 
 
 def tokenize_files(inputs: list, output_prefix: str, tokenizer, text_field: str = "text",
-                   batch_chars: int = 1 << 20, num_workers: int = 1) -> dict:
+                   batch_chars: int = 1 << 18, num_workers: int = 1) -> dict:
     """Check `inputs` (see data.readers), tokenize every document as <s> ids </s> (data.encode; over
     `num_workers` processes, 0 = every core), write the indexed dataset at `output_prefix`; returns
     {"documents", "tokens", "seconds"}. data.sharded.tokenize_sharded writes the same documents as shards."""

@@ -18,12 +18,15 @@
 
 `check_inputs(paths, text_field)` reads every input once, cheaply, and raises `DataError` naming the
 file, line (or row) and field of the first problem, so that a bad record fails before hours of
-tokenizing. `iter_texts` yields the documents and validates as it reads (the same errors).
+tokenizing (a streamed dataset: its first row). `iter_texts` yields the documents and validates as it
+reads (the same errors). zstandard is imported only when a .zst file is read.
 """
 
 import gzip
 import json
+import zlib
 from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
@@ -48,6 +51,12 @@ def hub_spec(spec) -> dict:
     return dict(HUB_KEYS, **spec)
 
 
+def is_plain_folder(path: Path) -> bool:
+    """A folder that `datasets` did not write (a folder of input files)."""
+    return path.is_dir() and not any((path / f).exists() for f in ("dataset_info.json", "state.json",
+                                                                   "dataset_dict.json"))
+
+
 def expand_inputs(inputs: list) -> list:
     """Paths and dataset mappings, with every plain folder replaced by its files (sorted)."""
     expanded = []
@@ -56,8 +65,7 @@ def expand_inputs(inputs: list) -> list:
             expanded.append(hub_spec(item))
             continue
         p = Path(item)
-        if p.is_dir() and not any((p / f).exists() for f in ("dataset_info.json", "state.json",
-                                                              "dataset_dict.json")):
+        if is_plain_folder(p):
             files = sorted(str(f) for f in p.rglob("*") if f.is_file() and suffix_of(f) in SUFFIXES
                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
             if not files:
@@ -116,7 +124,7 @@ def compressed_lines(path: str, kind: str) -> Iterator[bytes]:
     with (gzip.open if kind == "jsonl.gz" else open)(path, "rb") as f:
         try:
             yield from f
-        except (EOFError, gzip.BadGzipFile) as e:
+        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
             raise DataError(f"{path}: truncated or corrupt gz data ({e})") from None
 
 
@@ -147,16 +155,23 @@ def jsonl_record_text(line: str, path: str, lineno: int, text_field: str) -> str
     return text
 
 
-def hub_texts(spec: dict, text_field: str) -> Iterator[str]:
-    """Strings of column `text_field` of `datasets.load_dataset(...)`, streamed or prepared."""
+def load_hub(spec: dict):
+    """`datasets.load_dataset(...)` of a dataset input: a Dataset, or an IterableDataset when streaming."""
     import datasets
 
-    what = f"dataset {spec['dataset']!r} split {spec['split']!r}"
     try:
-        source = datasets.load_dataset(spec["dataset"], spec["name"], split=spec["split"],
-                                       data_files=spec["data_files"], streaming=spec["streaming"])
+        return datasets.load_dataset(spec["dataset"], spec["name"], split=spec["split"],
+                                     data_files=spec["data_files"], streaming=spec["streaming"])
     except Exception as e:  # not found, no such split or config, unreachable Hub: the library's reason
-        raise DataError(f"{what}: cannot load ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise DataError(f"{hub_name(spec)}: cannot load ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def hub_name(spec: dict) -> str:
+    return f"dataset {spec['dataset']!r} split {spec['split']!r}"
+
+
+def streamed_texts(source, what: str, text_field: str) -> Iterator[str]:
+    """Strings of column `text_field` of an IterableDataset, row by row as they arrive."""
     for row, record in enumerate(source):
         if text_field not in record:
             raise DataError(f"{what}: no column {text_field!r} (columns: {', '.join(map(repr, record))})")
@@ -167,8 +182,9 @@ def hub_texts(spec: dict, text_field: str) -> Iterator[str]:
         yield text
 
 
-def table_texts(path: str, kind: str, text_field: str) -> Iterator[str]:
-    """Strings of column `text_field` of a parquet file or saved dataset, a record batch at a time."""
+def table_texts(path, kind: str, text_field: str) -> Iterator[str]:
+    """Strings of column `text_field` of a parquet file, a saved dataset or a prepared `load_dataset`
+    dataset, a record batch at a time."""
     import pyarrow as pa
 
     if kind == "parquet":
@@ -179,29 +195,39 @@ def table_texts(path: str, kind: str, text_field: str) -> Iterator[str]:
     else:
         import datasets
 
-        source = datasets.load_from_disk(path)
+        source = datasets.load_from_disk(path) if kind == "dataset" else load_hub(path)
         names = source.column_names
+    what = hub_name(path) if kind == "hub" else path
     if text_field not in names:
-        raise DataError(f"{path}: no column {text_field!r} (columns: {', '.join(map(repr, names))})")
+        raise DataError(f"{what}: no column {text_field!r} (columns: {', '.join(map(repr, names))})")
     batches = (source.iter_batches(columns=[text_field], batch_size=1024) if kind == "parquet"
                else source.select_columns([text_field]).with_format("arrow").iter(1024))
     row = 0
     for batch in batches:
         column = batch.column(0)
         if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-            raise DataError(f"{path}: column {text_field!r} must hold strings, got {column.type}")
+            raise DataError(f"{what}: column {text_field!r} must hold strings, got {column.type}")
         if column.null_count:
             first = row + column.is_null().to_pylist().index(True)
-            raise DataError(f"{path}: row {first}: column {text_field!r} is null")
+            raise DataError(f"{what}: row {first}: column {text_field!r} is null")
         yield from column.to_pylist()
         row += len(column)
 
 
 def iter_texts(path, text_field: str = "text") -> Iterator[str]:
-    """The document strings of one input (a file, a datasets folder or a dataset mapping), in order."""
+    """The document strings of one input (a file, a folder, a datasets folder or a dataset mapping), in
+    order."""
+    if not isinstance(path, dict) and is_plain_folder(Path(path)):
+        for item in expand_inputs([path]):
+            yield from iter_texts(item, text_field)
+        return
     kind = input_kind(path)
     if kind == "hub":
-        yield from hub_texts(hub_spec(path), text_field)
+        spec = hub_spec(path)
+        if spec["streaming"]:
+            yield from streamed_texts(load_hub(spec), hub_name(spec), text_field)
+        else:
+            yield from table_texts(spec, kind, text_field)
     elif kind == "txt":
         try:
             yield Path(path).read_bytes().decode("utf-8")  # exact: no newline translation
@@ -214,11 +240,17 @@ def iter_texts(path, text_field: str = "text") -> Iterator[str]:
 
 
 def check_inputs(paths: list, text_field: str = "text") -> int:
-    """Validate every input (see module docstring; folders expanded); returns the number of documents.
-    A streamed dataset is read here once too: a bad row fails before the tokenizing pass."""
+    """Validate every input (see module docstring; folders expanded); returns the number of documents
+    checked. A streamed dataset is checked on its first row only (reading it all twice would double the
+    download): a bad row further on fails during tokenization, which writes nothing partial."""
     if not paths:
         raise DataError("no input files given")
     paths = expand_inputs(paths)
     for path in paths:  # cheap checks on all files first: a missing last file fails at once
         input_kind(path)
-    return sum(sum(1 for _ in iter_texts(path, text_field)) for path in paths)
+    return sum(sum(1 for _ in (islice(iter_texts(path, text_field), 1) if is_streamed(path)
+                               else iter_texts(path, text_field))) for path in paths)
+
+
+def is_streamed(path) -> bool:
+    return isinstance(path, dict) and bool(path["streaming"])

@@ -7,9 +7,12 @@
                              "tokens"}, ...]}   (shard prefixes relative to the manifest's folder)
 
 `tokenize_sharded` writes them: documents in input order, a new shard once the current one holds
-`shard_tokens` tokens, so the shards do not depend on the number of workers, and `merge_shards`
-concatenates them into exactly the bytes `tokenize_files` writes for the same inputs. The manifest is
-written last (atomically): a crash mid-way leaves no manifest pointing at a missing shard.
+`shard_tokens` tokens or more, so the shards do not depend on the number of workers, and
+`merge_shards` concatenates them into exactly the bytes `tokenize_files` writes for the same inputs.
+A corpus that fits in one shard is written as the plain pair prefix.bin/.idx (the manifest lists it as
+its only shard), so every reader of a plain pair reads it too. The old manifest is removed first and the
+new one written last (atomically): a crash mid-way leaves no manifest pointing at a missing or
+rewritten shard. Shards of an earlier, larger run at the same prefix are removed.
 
 `open_dataset(prefix)` is how training reads a prefix: the manifest's shards when prefix.manifest.json
 exists, else the plain prefix.bin/.idx pair (written by tokenize_files, or by Megatron).
@@ -18,6 +21,7 @@ exists, else the plain prefix.bin/.idx pair (written by tokenize_files, or by Me
 import hashlib
 import json
 import os
+import re
 import time
 from itertools import chain
 from pathlib import Path
@@ -36,13 +40,15 @@ def manifest_path(prefix: str) -> Path:
 
 
 def tokenizer_identity(tokenizer) -> dict:
-    """What tells two tokenizers apart in a manifest: name, size and a hash of the vocabulary."""
+    """What tells two tokenizers apart in a manifest: name, size and a hash of the vocabulary (two
+    tokenizers are the same when size and hash agree, wherever they were loaded from)."""
     vocab = json.dumps(sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]), ensure_ascii=False)
     return {"name": tokenizer.name_or_path, "vocab_size": len(tokenizer),
             "vocab_sha256": hashlib.sha256(vocab.encode()).hexdigest()[:16]}
 
 
 def _up_to(docs, limit: int):
+    """Documents of `docs` until they hold `limit` tokens or more (at least one document)."""
     total = 0
     for ids in docs:
         yield ids
@@ -51,21 +57,40 @@ def _up_to(docs, limit: int):
             return
 
 
+def _remove_pair(prefix: Path) -> None:
+    for suffix in (".bin", ".idx"):
+        prefix.with_name(prefix.name + suffix).unlink(missing_ok=True)
+
+
 def tokenize_sharded(inputs: list, output_prefix: str, tokenizer, text_field: str = "text",
-                     num_workers: int = 0, shard_tokens: int = 1 << 30, batch_chars: int = 1 << 20) -> dict:
+                     num_workers: int = 0, shard_tokens: int = 1 << 30, batch_chars: int = 1 << 18) -> dict:
     """Check `inputs`, tokenize them over `num_workers` processes (0: every core) into shards of about
     `shard_tokens` tokens and the manifest; returns the manifest plus "seconds"."""
     if shard_tokens < 1:
         raise DataError(f"shard_tokens must be >= 1, got {shard_tokens}")
     t0 = time.perf_counter()
     check_inputs(inputs, text_field)
+    out = Path(output_prefix)
+    manifest_path(output_prefix).unlink(missing_ok=True)
     docs = iter(encoded_documents(inputs, tokenizer, text_field, num_workers, batch_chars))
-    shards, name = [], Path(output_prefix).name
+    shards = []
     while (first := next(docs, None)) is not None:
-        shard = f"{name}_{len(shards):05d}"
-        stats = write_indexed(str(Path(output_prefix).with_name(shard)),
-                              chain([first], _up_to(docs, shard_tokens - len(first))), len(tokenizer))
+        shard = f"{out.name}_{len(shards):05d}"
+        rest = _up_to(docs, shard_tokens - len(first)) if len(first) < shard_tokens else ()
+        stats = write_indexed(str(out.with_name(shard)), chain([first], rest), len(tokenizer))
         shards.append(dict(prefix=shard, **stats))
+    if not shards:
+        raise DataError(f"{output_prefix}: the inputs hold no documents")
+    if len(shards) == 1:  # one shard: the plain pair
+        for suffix in (".bin", ".idx"):
+            os.replace(out.with_name(shards[0]["prefix"] + suffix), out.with_name(out.name + suffix))
+        shards[0]["prefix"] = out.name
+    else:
+        _remove_pair(out)
+    keep = {s["prefix"] for s in shards}
+    for stale in out.parent.glob(f"{out.name}_*.idx"):  # shards of an earlier run
+        if re.fullmatch(rf"{re.escape(out.name)}_\d{{5}}", stale.stem) and stale.stem not in keep:
+            _remove_pair(stale.with_suffix(""))
     manifest = {"format": FORMAT, "tokenizer": tokenizer_identity(tokenizer),
                 "documents": sum(s["documents"] for s in shards), "tokens": sum(s["tokens"] for s in shards),
                 "shards": shards}
@@ -100,6 +125,8 @@ class ShardedDataset:
             if (len(shard), shard.num_tokens) != (listed["documents"], listed["tokens"]):
                 raise DataError(f"{shard.prefix}: {len(shard)} documents, {shard.num_tokens} tokens, but "
                                 f"{manifest_path(prefix)} lists {listed['documents']}, {listed['tokens']}")
+        if len({s.dtype for s in self.shards}) > 1:
+            raise DataError(f"{manifest_path(prefix)}: shards of different token dtypes")
         self.tokenizer = manifest["tokenizer"]
         self.dtype = self.shards[0].dtype
         self.first_document = np.cumsum([0] + [len(s) for s in self.shards])

@@ -25,6 +25,9 @@ A batch (torch int64, (B, T) each, B = micro_batch_size):
   position_ids  0, 1, 2, ... restarting at 0 at every document start and at the start of every row;
                 the model derives its document-causal attention mask from them.
 
+Pretraining reads this through data.mixture.MixtureStream, which maps the global rows onto one such
+stream per source (one source: row for row the same).
+
 `state_dict()` is small and JSON-serialisable (the count of global rows consumed, plus what must match
 on resume); `load_state_dict()` continues the identical stream, also with another dp_size or
 micro_batch_size (the global row sequence is the same).
@@ -33,7 +36,6 @@ micro_batch_size (the global row sequence is the same).
 import numpy as np
 import torch
 
-from .indexed import IndexedDataset
 from .readers import DataError
 
 
@@ -103,10 +105,23 @@ def split_documents(num_documents: int, valid_fraction: float, seed: int) -> tup
     return np.setdiff1d(np.arange(num_documents), valid), valid
 
 
-class PackedStream:
-    """The stream over `documents` of `dataset` (all of them by default; S_e concatenates only those)."""
+def batch_of_rows(row, rows: list) -> dict:
+    """The batch of global rows `rows` (row(g) -> (tokens, positions)); a None row is a filler with no
+    loss token."""
+    fillers = [i for i, g in enumerate(rows) if g is None]
+    rows = [row(0 if g is None else g) for g in rows]
+    tokens = torch.from_numpy(np.stack([r[0] for r in rows]))
+    positions = torch.from_numpy(np.stack([r[1][:-1] for r in rows]))
+    labels = tokens[:, 1:].clone()
+    labels[fillers] = -100
+    return dict(tokens=tokens[:, :-1].contiguous(), labels=labels, position_ids=positions)
 
-    def __init__(self, dataset: IndexedDataset, seq_len: int, micro_batch_size: int, seed: int,
+
+class PackedStream:
+    """The stream over `documents` of `dataset` (all of them by default; S_e concatenates only those):
+    an IndexedDataset or a data.sharded.ShardedDataset (anything with `len`, `ds[i]`, `lengths`)."""
+
+    def __init__(self, dataset, seq_len: int, micro_batch_size: int, seed: int,
                  dp_rank: int = 0, dp_size: int = 1, accumulation: int = 1, documents=None):
         if seq_len < 1:
             raise ValueError(f"seq_len ({seq_len}) must be >= 1")
@@ -140,9 +155,7 @@ class PackedStream:
         offset = start - (ends[j] - self.lengths[order[j]])
         pieces = []
         while need:
-            doc = order[j]
-            begin = self.dataset.offsets[doc] + offset
-            piece = self.dataset.tokens[begin: min(begin + need, self.dataset.offsets[doc + 1])]
+            piece = self.dataset[int(order[j])][offset: offset + need]
             pieces.append(piece)
             need -= len(piece)
             j, offset = j + 1, 0
@@ -153,14 +166,7 @@ class PackedStream:
         return self.batch_of(self.schedule.next_rows())
 
     def batch_of(self, rows: list) -> dict:
-        """The batch of global rows `rows`; a None row is a filler with no loss token."""
-        fillers = [i for i, g in enumerate(rows) if g is None]
-        rows = [self.row(0 if g is None else g) for g in rows]
-        tokens = torch.from_numpy(np.stack([r[0] for r in rows]))
-        positions = torch.from_numpy(np.stack([r[1][:-1] for r in rows]))
-        labels = tokens[:, 1:].clone()
-        labels[fillers] = -100
-        return dict(tokens=tokens[:, :-1].contiguous(), labels=labels, position_ids=positions)
+        return batch_of_rows(self.row, rows)
 
     def identity(self) -> dict:
         """What must match on resume for the stream to continue exactly."""

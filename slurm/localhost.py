@@ -1,17 +1,25 @@
-"""A real single-node SLURM cluster on this machine, for tests: install, configure, start, stop.
+"""A real SLURM cluster on this machine, for tests: install, configure, start, stop.
 
     with LocalSlurm(folder, cpus=2) as cluster:   # SLURM_CONF points at it, here and in children
         job = submit(...)                          # sbatch, srun, scontrol work as on a cluster
         info = cluster.wait(job)                   # {"JobState": "COMPLETED", "ExitCode": "0:0", ...}
+    with LocalSlurm(folder, cpus=2, nodes=2):      # two nodes, each in its own network namespace
 
 Debian packages (slurm-wlm slurmctld slurmd slurm-client munge) are installed with apt-get when a
-binary is missing; `Unavailable` says why when that cannot work (not root, no apt-get). Everything
-else lives under `folder`: slurm.conf, state, spool, pid and log files. The daemons run in the
-foreground as children of this process (no systemd); munged is started only when no munged answers,
-and whatever was started is stopped again. Settings that make this work without cgroups or systemd,
-and that make a requeued job start in seconds (see ../shared/notes/slurm-localhost.md):
-proctrack/linuxproc, task/none, no accounting, AuthInfo=cred_expire=10, sched_interval=5, and
-`wait` moving a requeued job's BeginTime to now.
+binary is missing; `Unavailable` says why when that cannot work (not root, no apt-get, no network
+namespaces). Everything else lives under `folder`: slurm.conf, state, spool, pid and log files. The
+daemons run in the foreground as children of this process (no systemd); munged is started only when
+no munged answers, and whatever was started is stopped again. Settings that make this work without
+cgroups or systemd, and that make a requeued job start in seconds (see
+../shared/notes/slurm-localhost.md): proctrack/linuxproc, task/none, no accounting,
+AuthInfo=cred_expire=10, sched_interval=5, and `wait` moving a requeued job's BeginTime to 2 s
+after the requeue.
+
+One node is this machine's hostname at 127.0.0.1. With nodes > 1 each node is a network namespace
+on a bridge (slurm/netns.py) whose name is in /etc/hosts for the cluster's lifetime: one slurmd per
+namespace (`slurmd -N NODE`), slurmctld on the bridge address, one munged for all (its socket is a
+file). A job's tasks inherit their slurmd's namespace, so ranks on different nodes talk over the
+veth links, through the interfaces and addresses a real cluster would make them choose.
 """
 
 import os
@@ -22,6 +30,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from .netns import Network
+
 PACKAGES = ["slurm-wlm", "slurmctld", "slurmd", "slurm-client", "munge"]
 BINARIES = ["slurmctld", "slurmd", "sbatch", "srun", "scontrol", "munged", "munge", "unmunge"]
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
@@ -29,7 +39,7 @@ FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 
 SLURM_CONF = """\
 ClusterName=localhost
-SlurmctldHost={host}(127.0.0.1)
+SlurmctldHost={host}({ctld_address})
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 AuthType=auth/munge
@@ -37,11 +47,11 @@ AuthInfo=cred_expire=10
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={folder}/state
-SlurmdSpoolDir={folder}/spool
+SlurmdSpoolDir={folder}/spool/%n
 SlurmctldPidFile={folder}/slurmctld.pid
-SlurmdPidFile={folder}/slurmd.pid
+SlurmdPidFile={folder}/slurmd-%n.pid
 SlurmctldLogFile={folder}/slurmctld.log
-SlurmdLogFile={folder}/slurmd.log
+SlurmdLogFile={folder}/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -54,13 +64,17 @@ SchedulerParameters=sched_interval=5
 SlurmdParameters=config_overrides
 KillWait=10
 MinJobAge=3600
-NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
-PartitionName=local Nodes={host} Default=YES MaxTime=INFINITE State=UP
+{node_lines}
+PartitionName=local Nodes={node_names} Default=YES MaxTime=INFINITE State=UP
 """
 
 
 class Unavailable(RuntimeError):
     """SLURM cannot be installed or started here; the message says why (tests skip with it)."""
+
+
+class NoNamespaces(Unavailable):
+    """Several nodes need network namespaces, which this machine does not give (not root, no iproute2)."""
 
 
 def install() -> None:
@@ -104,14 +118,18 @@ def _munge_answers() -> bool:
 
 
 class LocalSlurm:
-    def __init__(self, folder, cpus: int = None):
+    """A cluster of `nodes` nodes with `cpus` CPUs each (slurm.conf may claim more CPUs than exist)."""
+
+    def __init__(self, folder, cpus: int = None, nodes: int = 1):
         self.folder = Path(folder).resolve()
         self.cpus = cpus or os.cpu_count()
+        self.nodes = nodes
         self.host = socket.gethostname().split(".")[0]
         self.conf = self.folder / "slurm.conf"
-        self.daemons: list[subprocess.Popen] = []
+        self.daemons: list[tuple[str, subprocess.Popen]] = []  # (log file stem, process)
+        self.network = None
         self.munged = None
-        self.hosts_line = None
+        self.hosts_lines = ""
         self.saved_env = None
 
     # ------------------------------------------------------------ start / stop
@@ -131,24 +149,54 @@ class LocalSlurm:
         install()
         self._start_munge()
         self._resolve_hostname()
-        for sub in ("state", "spool"):
+        if self.nodes > 1:
+            self._start_network()
+            nodes = [(node.name, node.address) for node in self.network.nodes]
+            ctld_address = self.network.address
+        else:
+            nodes, ctld_address = [(self.host, "127.0.0.1")], "127.0.0.1"
+        for sub in ["state", *(f"spool/{name}" for name, _ in nodes)]:
             (self.folder / sub).mkdir(parents=True, exist_ok=True)
-        self.conf.write_text(SLURM_CONF.format(host=self.host, folder=self.folder, cpus=self.cpus,
-                                               ctld_port=_free_port(), slurmd_port=_free_port()))
+        node_lines = "\n".join(f"NodeName={name} NodeAddr={address} CPUs={self.cpus} State=UNKNOWN"
+                               for name, address in nodes)
+        self.conf.write_text(SLURM_CONF.format(
+            host=self.host, ctld_address=ctld_address, folder=self.folder, node_lines=node_lines,
+            node_names=",".join(name for name, _ in nodes), ctld_port=_free_port(), slurmd_port=_free_port()))
         self.saved_env = os.environ.get("SLURM_CONF")
         os.environ["SLURM_CONF"] = str(self.conf)
-        for daemon in ("slurmctld", "slurmd"):
-            with open(self.folder / f"{daemon}.stderr", "w") as log:
-                self.daemons.append(subprocess.Popen([daemon, "-D", "-f", str(self.conf)], stdout=log,
-                                                     stderr=subprocess.STDOUT))
-        _wait_until(self._idle, 30, f"the node to be idle (logs in {self.folder})")
+        self._spawn("slurmctld", ["slurmctld", "-D", "-f", str(self.conf)])
+        if self.network is None:
+            self._spawn(f"slurmd-{self.host}", ["slurmd", "-D", "-f", str(self.conf)])
+        else:
+            for node in self.network.nodes:
+                self._spawn(f"slurmd-{node.name}",
+                            [*node.run, "slurmd", "-D", "-N", node.name, "-f", str(self.conf)])
+        _wait_until(self._idle, 30, f"every node to be idle (logs in {self.folder})")
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        with open(self.folder / f"{name}.stderr", "w") as log:
+            self.daemons.append((name, subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)))
+
+    def _start_network(self) -> None:
+        """The bridge and one namespace per node, their names in /etc/hosts."""
+        missing = [tool for tool in ("ip", "nsenter") if not shutil.which(tool)]
+        if missing:
+            raise NoNamespaces(f"network namespaces need {missing} (iproute2, util-linux): not installed")
+        self.network = Network(self.nodes)
+        try:
+            self.network.create()
+        except subprocess.CalledProcessError as e:
+            raise NoNamespaces(f"cannot create network namespaces ({' '.join(e.cmd)}): {e.stderr.strip()}")
+        self._add_hosts("".join(f"{node.address} {node.name}  # slurm.localhost\n"
+                                for node in self.network.nodes))
 
     def _idle(self) -> bool:
-        for d in self.daemons:
+        for name, d in self.daemons:
             if d.poll() is not None:
-                log = (self.folder / f"{d.args[0]}.log")
+                log = self.folder / f"{name}.log"
                 tail = log.read_text()[-1500:] if log.exists() else ""
-                raise Unavailable(f"{d.args[0]} exited with {d.returncode}:\n{tail}")
+                stderr = (self.folder / f"{name}.stderr").read_text()[-500:]
+                raise Unavailable(f"{name} exited with {d.returncode}:\n{tail}{stderr}")
         proc = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
         return proc.stdout.strip() == "idle"
 
@@ -170,19 +218,23 @@ class LocalSlurm:
         try:
             socket.gethostbyname(self.host)
         except OSError:
-            self.hosts_line = f"127.0.0.1 {self.host}  # slurm.localhost\n"
-            with open("/etc/hosts", "a") as f:
-                f.write(self.hosts_line)
+            self._add_hosts(f"127.0.0.1 {self.host}  # slurm.localhost\n")
+
+    def _add_hosts(self, lines: str) -> None:
+        with open("/etc/hosts", "a") as f:
+            f.write(lines)
+        self.hosts_lines += lines
 
     def stop(self) -> None:
-        """Cancel every job, stop the daemons (and munged, /etc/hosts line) this object started."""
-        if self.daemons and all(d.poll() is None for d in self.daemons):
+        """Cancel every job, stop the daemons; remove the namespaces, the /etc/hosts lines and munged
+        that this object made."""
+        if self.daemons and all(d.poll() is None for _, d in self.daemons):
             subprocess.run(["scancel", "--full", *self.jobs()], capture_output=True)
             try:
                 _wait_until(lambda: not self.jobs(), 30, "jobs to end")
             except Unavailable:
                 pass
-        for d in reversed(self.daemons):
+        for _, d in reversed(self.daemons):
             if d.poll() is None:
                 d.terminate()
                 try:
@@ -191,17 +243,22 @@ class LocalSlurm:
                     d.kill()
                     d.wait()
         self.daemons = []
+        if self.network is not None:
+            self.network.destroy()
+            self.network = None
         if self.munged is not None:
             os.kill(self.munged, 15)
             self.munged = None
-        if self.hosts_line is not None:
+        if self.hosts_lines:
             hosts = Path("/etc/hosts")
-            hosts.write_text(hosts.read_text().replace(self.hosts_line, ""))
-            self.hosts_line = None
-        if self.saved_env is not None:
-            os.environ["SLURM_CONF"] = self.saved_env
-        else:
-            os.environ.pop("SLURM_CONF", None)
+            hosts.write_text("".join(line for line in hosts.read_text().splitlines(keepends=True)
+                                     if line not in self.hosts_lines.splitlines(keepends=True)))
+            self.hosts_lines = ""
+        if os.environ.get("SLURM_CONF") == str(self.conf):
+            if self.saved_env is not None:
+                os.environ["SLURM_CONF"] = self.saved_env
+            else:
+                os.environ.pop("SLURM_CONF", None)
 
     # ------------------------------------------------------------ jobs
 
@@ -216,14 +273,22 @@ class LocalSlurm:
                               text=True, check=True)
         return dict(re.findall(r"(\w+)=(\S*)", proc.stdout))
 
+    def hurry(self, info: dict) -> None:
+        """Start a requeued job (`info`: its `job` fields) now rather than when its old credential
+        expires (BeginTime). Not at once: slurmd refuses a credential made in the second its job's
+        old one was revoked ("Job credential revoked", and the job fails)."""
+        if info["JobState"] == "PENDING" and info.get("Reason") == "BeginTime":
+            time.sleep(2)
+            subprocess.run(["scontrol", "update", f"JobId={info['JobId']}", "StartTime=now"],
+                           capture_output=True)
+
     def wait(self, job_id: str, timeout: float = 300) -> dict:
-        """Poll a job until it has finished; a requeued job is started at once rather than after its
-        credential expires (BeginTime). Returns the job's final `scontrol show job` fields."""
+        """Poll a job until it has finished; a requeued job is started 2 s after the requeue rather
+        than after its credential expires (BeginTime). Returns the job's final `scontrol show job`
+        fields."""
         def finished():
             info = self.job(job_id)
-            if info["JobState"] == "PENDING" and info.get("Reason") == "BeginTime":
-                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
-                               capture_output=True)
+            self.hurry(info)
             if info["JobState"] not in FINISHED:
                 return None
             # a job that requeues itself can show a finished state for a moment before it is PENDING

@@ -1,10 +1,11 @@
 """Recipe -> one sbatch script per stage -> a chain of jobs (each after the previous one succeeded).
 
-    check(cfg) -> ranks of a training job       ConfigError naming the key, before anything is submitted
+    check(cfg)                                  ConfigError naming the key, before anything is submitted
     render(cfg, stage, recipe, overrides) -> the batch script of one stage (slurm/train.sbatch filled in)
     submit(recipe, overrides, stages, dry_run) -> job ids (python -m slurm is its command line)
 
-A training stage's job has slurm.nodes x slurm.tasks_per_node ranks; tasks_per_node defaults to
+A training stage's job has slurm.nodes x slurm.tasks_per_node ranks (slurm.stage_nodes gives a stage
+its own node count, e.g. pretraining on 8 nodes and {sft: 1}); tasks_per_node defaults to
 slurm.gpus_per_node (one rank per GPU), a CPU job (gloo) sets gpus_per_node=0 and tasks_per_node.
 The layout (parallel.tp x parallel.ep, batch divisibility) must fit those ranks. tokenize and export
 run on rank 0 alone in the trainer, so their jobs get one node and one rank (and one GPU on GPU
@@ -39,13 +40,12 @@ def job_shape(cfg: DictConfig, stage: str) -> tuple[int, int, int]:
     """(nodes, ranks per node, GPUs per node) of a stage's job."""
     s = cfg.slurm
     if stage in TRAINING_STAGES:
-        return s.nodes, s.tasks_per_node or s.gpus_per_node, s.gpus_per_node
+        return s.stage_nodes.get(stage, s.nodes), s.tasks_per_node or s.gpus_per_node, s.gpus_per_node
     return 1, 1, min(s.gpus_per_node, 1)
 
 
-def check(cfg: DictConfig) -> int:
-    """Validate the slurm section, and the layout of every training stage against it; returns the
-    ranks of a training job."""
+def check(cfg: DictConfig) -> None:
+    """Validate the slurm section, and the layout of every training stage against its job."""
     from parallel.layout import Layout, LayoutError
 
     s = cfg.slurm
@@ -59,12 +59,18 @@ def check(cfg: DictConfig) -> int:
     if s.gpus_per_node and s.tasks_per_node and s.tasks_per_node > s.gpus_per_node:
         raise ConfigError(f"slurm.tasks_per_node ({s.tasks_per_node}) asks for more GPUs than "
                           f"slurm.gpus_per_node ({s.gpus_per_node}): every rank needs its own GPU")
-    if s.nodes > 1 and not s.partition:
-        raise ConfigError(f"slurm.partition is required for a multi-node job (slurm.nodes={s.nodes})")
-    nodes, tasks, _ = job_shape(cfg, "pretrain")
-    ranks, what, p = nodes * tasks, "GPUs" if s.gpus_per_node else "ranks", cfg.parallel
-    job = f"slurm.nodes ({nodes}) x {tasks} per node = {ranks} {what}"
+    for stage, n in s.stage_nodes.items():
+        if stage not in TRAINING_STAGES or n < 1:
+            raise ConfigError(f"slurm.stage_nodes.{stage}={n}: expected a training stage "
+                              f"({', '.join(TRAINING_STAGES)}) and at least one node")
+    p, what = cfg.parallel, "GPUs" if s.gpus_per_node else "ranks"
     for stage in [stage for stage in cfg.stages if stage in TRAINING_STAGES]:
+        nodes, tasks, _ = job_shape(cfg, stage)
+        key = f"slurm.stage_nodes.{stage}" if stage in s.stage_nodes else "slurm.nodes"
+        if nodes > 1 and not s.partition:
+            raise ConfigError(f"slurm.partition is required for a multi-node job ({key}={nodes})")
+        ranks = nodes * tasks
+        job = f"{key} ({nodes}) x {tasks} per node = {ranks} {what}"
         if p.tp * p.ep > ranks:
             raise ConfigError(f"parallel.tp x parallel.ep = {p.tp} x {p.ep} = {p.tp * p.ep} {what}, more "
                               f"than the job has: {job}")
@@ -72,7 +78,6 @@ def check(cfg: DictConfig) -> int:
             Layout.plan(p, model_config_of(cfg), cfg[stage], ranks)
         except LayoutError as e:
             raise ConfigError(f"{stage} does not fit the job ({job}): {e}") from e
-    return ranks
 
 
 def render(cfg: DictConfig, stage: str, recipe: str, overrides: list[str]) -> str:
@@ -94,6 +99,7 @@ def render(cfg: DictConfig, stage: str, recipe: str, overrides: list[str]) -> st
         env="\n".join(f"export {key}={shlex.quote(str(value))}" for key, value in env.items()),
         stage=stage, nodes=nodes, tasks_per_node=tasks, launcher_cpus=s.cpus_per_task * tasks,
         python=shlex.quote(sys.executable), shutdown_timeout=s.signal_seconds, preempted=EXIT_PREEMPTED,
+        marker_prefix=shlex.quote(str(run_dir / "slurm" / stage)),
         trainer_args=shlex.join([str(Path(recipe).resolve()), "--stage", stage, *overrides]))
     return re.sub(r"\{\{(\w+)\}\}", lambda m: str(fields[m.group(1)]), TEMPLATE.read_text())
 

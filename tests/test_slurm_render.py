@@ -102,7 +102,8 @@ def test_cpu_job_and_env_overrides(sbatch, capsys):
 
 
 def test_stages_are_submitted_as_a_chain(sbatch, tmp_path, capsys):
-    assert main([QUICKSTART, f"run_dir={tmp_path}/run", *CPU_JOB]) == 0
+    # without the quickstart's evaluate stage, whose shipped corpora are paths relative to the repository
+    assert main([QUICKSTART, f"run_dir={tmp_path}/run", *CPU_JOB, "stages=[tokenize,pretrain,export]"]) == 0
     assert capsys.readouterr().out.split() == ["101", "102", "103"]  # tokenize, pretrain, export
     folder = tmp_path / "run/slurm"
     assert sbatch.read_text().splitlines() == [
@@ -113,6 +114,17 @@ def test_stages_are_submitted_as_a_chain(sbatch, tmp_path, capsys):
         script = (folder / f"{stage}.sbatch").read_text()
         assert f" -m trainer {QUICKSTART} --stage {stage} " in script
         assert f"--nnodes=1 --nproc-per-node={ranks} " in script
+
+
+def test_a_stage_gets_its_own_node_count(sbatch, tmp_path, capsys):
+    """slurm.stage_nodes: pretraining on 2 nodes, SFT after it on 1."""
+    assert main([QUICKSTART, f"run_dir={tmp_path}/run", *CPU_JOB, "slurm.nodes=2", "slurm.partition=cpu",
+                 "slurm.stage_nodes.sft=1", "pretrain.micro_batch_size=2", "sft.data=x.jsonl",
+                 "sft.micro_batch_size=2", "sft.global_batch_size=4", "--stages", "pretrain,sft"]) == 0
+    for stage, nodes in [("pretrain", 2), ("sft", 1)]:
+        script = (tmp_path / f"run/slurm/{stage}.sbatch").read_text()
+        assert f"#SBATCH --nodes={nodes}" in script.splitlines()
+        assert f"--nnodes={nodes} --nproc-per-node=2 " in script
 
 
 @pytest.mark.parametrize("args, message", [
@@ -131,6 +143,11 @@ def test_stages_are_submitted_as_a_chain(sbatch, tmp_path, capsys):
     (["slurm.gpus_per_node=0"], "slurm.gpus_per_node=0 (a CPU job) needs slurm.tasks_per_node"),
     (["--stages", "pretrain,finetune"], "unknown stage 'finetune'"),
     (["slurm.nodez=2"], "unknown config key 'slurm.nodez'"),
+    (["slurm.stage_nodes.export=2"], "slurm.stage_nodes.export=2: expected a training stage"),
+    (["slurm.stage_nodes.pretrain=0"], "slurm.stage_nodes.pretrain=0: expected a training stage"),
+    (["slurm.stage_nodes.pretrain=1", "parallel.ep=16"],
+     "parallel.tp x parallel.ep = 1 x 16 = 16 GPUs, more than the job has: "
+     "slurm.stage_nodes.pretrain (1) x 8 per node = 8 GPUs"),
 ])
 def test_bad_input_fails_before_submission(args, message, sbatch, capsys):
     assert main([MIXTRAL, *args]) == 2

@@ -82,7 +82,10 @@ def _master(engine, p) -> torch.Tensor:
 def _moment(engine, p, key) -> torch.Tensor:
     v = safe_get_full_optimizer_state(p, key)
     if v is None:
-        v = _base_optimizer(engine).state[p][key]
+        state = _base_optimizer(engine).state.get(p, {})
+        if key not in state and not p.requires_grad:  # a frozen parameter has no optimizer state
+            return torch.zeros(p.shape)
+        v = state[key]
     return v.float().cpu()
 
 

@@ -10,7 +10,7 @@ before any heavy work. Stages reference each other's outputs by interpolation, e
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -18,6 +18,8 @@ from omegaconf.errors import OmegaConfBaseException
 from model.config import ModelConfig, PRESETS, check_preset, resolve_granularity, validate_model_config
 
 STAGES = ("tokenize", "pretrain", "transition", "sft", "dpo", "export", "evaluate")
+STAGES += ("premises", "select")  # premise selection (trainer/premise_stage.py, trainer/premise_select.py)
+STAGES += ("vision_sft",)  # image-text SFT (trainer/vision_sft.py)
 
 
 @dataclass
@@ -30,6 +32,9 @@ class ParallelConfig:
     moe_impl: str = "dropless"  # dropless (grouped GEMM, all-to-all) | deepspeed (classic, capacity)
     capacity_factor: float = 1.0  # moe_impl=deepspeed only
     activation_checkpointing: str = "none"  # none | full (whole blocks) | selective (op-level, parallel/parallelize.py)
+    # a collective (any process group) waiting longer fails its rank, so a hung or unreachable rank ends
+    # the job instead of stalling it; must exceed the longest wait on one rank (rank-0 stages, saves)
+    collective_timeout_s: int = 600
 
 
 @dataclass
@@ -62,14 +67,19 @@ class TrainConfig:
 
 @dataclass
 class TokenizeStage:
-    inputs: list[str] = field(default_factory=list)  # .txt, .jsonl (text_field), .parquet files
+    # .txt, .jsonl(.gz/.zst), .parquet files, folders of them, datasets saved to disk, or
+    # {dataset, split, name, data_files, streaming} mappings for datasets.load_dataset (data/readers.py)
+    inputs: list[Any] = field(default_factory=list)
     text_field: str = "text"
-    output: str = "${run_dir}/data/corpus"  # prefix of the indexed dataset (.bin/.idx)
+    output: str = "${run_dir}/data/corpus"  # prefix: shards + prefix.manifest.json (data/sharded.py)
+    num_workers: int = 0  # processes encoding documents (0: every core)
+    shard_tokens: int = 1 << 30  # a new shard once one holds this many tokens
 
 
 @dataclass
 class PretrainStage(TrainConfig):
-    data: str = "${tokenize.output}"  # indexed dataset prefix
+    # a dataset prefix, or a weighted mixture [{path: PREFIX, weight: W}, ...] (data/mixture.py)
+    data: Any = "${tokenize.output}"
     valid_fraction: float = 0.0  # documents held out for eval/loss (every eval_every steps and at the end)
     output: str = "${run_dir}/pretrain"
 
@@ -160,6 +170,7 @@ class LoggingConfig:
 @dataclass
 class SlurmConfig:
     nodes: int = 1
+    stage_nodes: dict[str, int] = field(default_factory=dict)  # per training stage, e.g. {sft: 1}; default nodes
     gpus_per_node: int = 8  # 0: a CPU job (gloo)
     tasks_per_node: Optional[int] = None  # ranks per node; default gpus_per_node (required when it is 0)
     partition: Optional[str] = None  # required when nodes > 1
@@ -188,6 +199,9 @@ class RecipeConfig:
     dpo: DPOStage = field(default_factory=DPOStage)
     export: ExportStage = field(default_factory=ExportStage)
     evaluate: EvaluateStage = field(default_factory=EvaluateStage)
+    premises: "PremisesStage" = field(default_factory=lambda: PremisesStage())
+    select: "SelectStage" = field(default_factory=lambda: SelectStage())
+    vision_sft: "VisionSFTStage" = field(default_factory=lambda: VisionSFTStage())
 
 
 class ConfigError(ValueError):
@@ -266,6 +280,8 @@ def validate(cfg: DictConfig) -> None:
     if p.activation_checkpointing not in ("none", "full", "selective"):
         raise ConfigError("parallel.activation_checkpointing must be none, full or selective, "
                           f"got {p.activation_checkpointing!r}")
+    if p.collective_timeout_s < 1:
+        raise ConfigError(f"parallel.collective_timeout_s must be >= 1, got {p.collective_timeout_s}")
     if p.ep > 1 and p.zero_stage == 0:
         raise ConfigError(f"parallel.ep={p.ep} needs parallel.zero_stage 1 or 2: DeepSpeed's stage-0 gradient "
                           "clipping averages the ranks' norms, which differ under expert parallelism")
@@ -273,6 +289,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"parallel.moe_impl=deepspeed with parallel.tp={p.tp}: DeepSpeed's classic MoE splits "
                           "expert capacity over tp and never sums the partial expert gradients; use dropless")
     _validate_mixture_of_tokens(cfg)
+    _validate_data(cfg)
     for stage in ("pretrain", "transition", "sft"):
         if stage in cfg.stages and not 0 <= cfg[stage].valid_fraction < 1:
             raise ConfigError(f"{stage}.valid_fraction must be in [0, 1), got {cfg[stage].valid_fraction}")
@@ -289,6 +306,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"dpo.rpo_alpha must be >= 0, got {cfg.dpo.rpo_alpha}")
     if "evaluate" in cfg.stages:
         validate_evaluate(cfg.evaluate)
+    validate_premise_stages(cfg)
 
 
 def validate_evaluate(e: DictConfig) -> None:
@@ -331,6 +349,39 @@ def _validate_mixture_of_tokens(cfg: DictConfig) -> None:
         raise ConfigError(f"pretrain.micro_batch_size ({rows}) is not divisible by model.mot_group_size ({G})")
 
 
+def _validate_data(cfg: DictConfig) -> None:
+    """The tokenize settings and the pretraining data's form (a prefix or {path, weight} sources); that
+    the prefixes exist is checked when the stages start (an earlier stage may write them)."""
+    from data.mixture import parse_mixture
+    from data.readers import DataError, hub_spec
+
+    t = cfg.tokenize
+    if "tokenize" in cfg.stages:
+        if t.num_workers < 0 or t.shard_tokens < 1:
+            raise ConfigError(f"tokenize.num_workers must be >= 0 (0: every core) and tokenize.shard_tokens "
+                              f">= 1, got {t.num_workers} and {t.shard_tokens}")
+        for i, item in enumerate(OmegaConf.to_container(t.inputs, resolve=True)):
+            if not isinstance(item, (dict, str)) or not item:
+                raise ConfigError(f"tokenize.inputs[{i}]: expected a path or a dataset mapping, got {item!r}")
+            try:
+                if isinstance(item, dict):
+                    hub_spec(item)
+            except DataError as e:
+                raise ConfigError(f"tokenize.inputs[{i}]: {e}") from None
+    for stage in ("pretrain", "transition"):
+        if stage in cfg.stages:
+            try:
+                parse_mixture(pretrain_data(cfg[stage]), f"{stage}.data")
+            except DataError as e:
+                raise ConfigError(str(e)) from None
+
+
+def pretrain_data(scfg: DictConfig):
+    """A pretraining stage's `data` as plain Python: a prefix string or a list of {path, weight}."""
+    data = scfg.data
+    return OmegaConf.to_container(data, resolve=True) if OmegaConf.is_config(data) else data
+
+
 def _validate_answer_eval(scfg: DictConfig, stage: str) -> None:
     if scfg.eval_prompts == "held_out" and stage == "dpo":
         raise ConfigError("dpo.eval_prompts=held_out: DPO holds out no conversations; give a chat jsonl")
@@ -357,3 +408,58 @@ def model_config_of(cfg: DictConfig) -> ModelConfig:
 def save_config(cfg: DictConfig, path) -> None:
     """The resolved config, as run: saved into every run folder and checkpoint."""
     Path(path).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+@dataclass
+class PremisesStage:
+    """A Metamath database -> premise-selection split and the tuned BM25 baseline (trainer/premise_stage.py)."""
+    database: str = "apt"  # a .mm file | a metamath-databases .deb | apt: `apt-get download` into cache_dir
+    cache_dir: str = "~/.cache/moe-train/metamath"
+    output: str = "${run_dir}/premises"
+    valid_fraction: float = 0.05  # the last theorems (library order) held out
+    bm25_tune_queries: int = 300  # last train theorems BM25's tokenization/k1/b are tuned on (0: no BM25)
+
+
+@dataclass
+class SelectStage(TrainConfig):
+    """SELECT (trainer/premise_select.py): the decoder as a bi-encoder, InfoNCE over the global batch."""
+    data: str = "${premises.output}"
+    output: str = "${run_dir}/select"
+    seq_len: int = 128  # tokens kept of each statement
+    temperature: float = 0.05
+    extra_negatives: int = 16  # random corpus premises per rank per micro-batch, next to in-batch ones
+    logq_correction: bool = True  # subtract log(sampling rate) of each premise column (trainer/premise_loss.py)
+    eval_batch_size: int = 64  # rows per forward pass when embedding the corpus
+    eval_queries: int = 0  # held-out theorems per evaluation, the last ones (0: all)
+
+
+def validate_premise_stages(cfg: DictConfig) -> None:
+    if "premises" in cfg.stages and not 0 < cfg.premises.valid_fraction < 1:
+        raise ConfigError(f"premises.valid_fraction must be in (0, 1), got {cfg.premises.valid_fraction}")
+    if "select" in cfg.stages:
+        s = cfg.select
+        if cfg.parallel.sp:
+            raise ConfigError("parallel.sp with stage 'select': the pooled embedding needs whole sequences; "
+                              "set parallel.sp=false")
+        if s.temperature <= 0 or s.extra_negatives < 0 or s.eval_batch_size < 1 or s.eval_queries < 0:
+            raise ConfigError("select.temperature must be > 0, select.extra_negatives and select.eval_queries "
+                              f">= 0, select.eval_batch_size >= 1; got {s.temperature}, {s.extra_negatives}, "
+                              f"{s.eval_queries}, {s.eval_batch_size}")
+
+
+@dataclass
+class VisionSFTStage(TrainConfig):
+    """Image-text SFT of model/multimodal.py (trainer/vision_sft.py); the decoder needs the Tekken
+    vocabulary (model.vocab_size=131072)."""
+    data: str = MISSING  # jsonl of {"messages"}; a user content may list {"type": "image", "path"} parts
+    eval_data: Optional[str] = None  # held-out jsonl (None: valid_fraction of data)
+    valid_fraction: float = 0.05
+    skip_bad_records: bool = False  # count and skip bad records (missing images too) instead of failing
+    init: Optional[str] = None  # the decoder: a text run/checkpoint of ours or an HF Mixtral folder (None: random)
+    vision_preset: str = "debug"  # a fresh encoder (model/vision.py VISION_PRESETS) ...
+    vision_init: Optional[str] = None  # ... or the encoder (and projector if it fits) of an HF Llava folder
+    freeze: list[str] = field(default_factory=list)  # parts kept fixed: vision, projector, decoder
+    export_hf: Optional[str] = None  # write the result as a LlavaForConditionalGeneration folder
+    output: str = "${run_dir}/vision_sft"
+    lr: float = 1e-4
+    warmup_steps: int = 5

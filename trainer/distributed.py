@@ -7,9 +7,11 @@ The backend is nccl on CUDA and gloo on the CPU.
 
 import os
 import socket
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 
 def device() -> torch.device:
@@ -18,7 +20,10 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed() -> None:
+def init_distributed(timeout_s: float = 600) -> None:
+    """Join the ranks (gloo or nccl). Every process group, the ones created later by parallel/ and
+    DeepSpeed included, fails a collective that waits longer than `timeout_s`: torch gives subgroups
+    its module default (30 min for gloo), not the world group's timeout, so the default is set too."""
     if dist.is_initialized():
         return
     if "RANK" not in os.environ:
@@ -31,8 +36,10 @@ def init_distributed() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.set_device(device())
+    timeout = timedelta(seconds=timeout_s)
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                               verbose=False)
+                               verbose=False, timeout=timeout)
 
 
 def rank() -> int:

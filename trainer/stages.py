@@ -14,7 +14,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import distributed as D
-from .config import model_config_of, save_config
+from .config import model_config_of, pretrain_data, save_config
+from .premise_stage import run_premises_stage
+from .vision_sft import run_vision_sft
+
+TRAINING_STAGES = ("pretrain", "transition", "sft", "dpo", "select")
 
 
 def stage_output(cfg: DictConfig, stage: str) -> Path:
@@ -27,10 +31,13 @@ def done_marker(cfg: DictConfig, stage: str) -> Path:
 
 
 def run_recipe(cfg: DictConfig, only: str = None, force: bool = False) -> None:
-    D.init_distributed()
-    for stage in [only] if only else list(cfg.stages):
+    D.init_distributed(cfg.parallel.collective_timeout_s)
+    stages = [only] if only else list(cfg.stages)
+    pending = [stage for stage in stages if force or not done_marker(cfg, stage).exists()]
+    preflight(cfg, pending)
+    for stage in stages:
         marker = done_marker(cfg, stage)
-        if marker.exists() and not force:
+        if stage not in pending:
             if D.is_main():
                 print(f"[{stage}] already done ({marker}); skipped (use --force to redo)", flush=True)
             continue
@@ -43,20 +50,53 @@ def run_recipe(cfg: DictConfig, only: str = None, force: bool = False) -> None:
             print(f"[{stage}] done in {time.perf_counter() - t0:.1f} s", flush=True)
 
 
+def preflight(cfg: DictConfig, stages: list[str]) -> None:
+    """What can be refused before the first stage runs: every training stage's layout on this world
+    (parallel/layout.py), and pretraining data that no earlier stage of this run writes must exist, with
+    one tokenizer that fits the model (data/mixture.py). A recipe that cannot train fails before it
+    tokenizes."""
+    from data.mixture import check_sources, parse_mixture
+    from parallel.layout import Layout, LayoutError
+
+    from .engine import model_config_for
+
+    for i, stage in enumerate(stages):
+        if stage not in TRAINING_STAGES:
+            continue
+        scfg, mcfg = cfg[stage], model_config_of(cfg)
+        if scfg.init is not None and (Path(scfg.init) / "config.json").is_file():
+            mcfg = model_config_for(mcfg, scfg.init)  # an HF folder sets the shape
+        try:
+            Layout.plan(cfg.parallel, mcfg, scfg, D.world_size(), D.rank())
+        except LayoutError as e:
+            raise LayoutError(f"{stage} on {D.world_size()} process(es): {e}") from None
+        if stage in ("pretrain", "transition"):
+            produced = {cfg.tokenize.output} if "tokenize" in stages[:i] else set()
+            check_sources(parse_mixture(pretrain_data(scfg), f"{stage}.data"), f"{stage}.data",
+                          mcfg.vocab_size, produced)
+
+
 def run_tokenize(cfg: DictConfig) -> bool:
-    from data.indexed import IndexedDataset, tokenize_files, unigram_entropy
+    from data.encode import worker_count
+    from data.indexed import unigram_entropy
     from data.readers import check_inputs
+    from data.sharded import open_dataset, tokenize_sharded
     from data.tokenizer import load_tokenizer
 
-    check_inputs(list(cfg.tokenize.inputs), cfg.tokenize.text_field)
-    if D.is_main():
-        Path(cfg.tokenize.output).parent.mkdir(parents=True, exist_ok=True)
-        stats = tokenize_files(list(cfg.tokenize.inputs), cfg.tokenize.output,
-                               load_tokenizer(cfg.tokenizer), cfg.tokenize.text_field)
-        entropy = unigram_entropy(IndexedDataset(cfg.tokenize.output))
-        print(f"[tokenize] {stats['documents']} documents, {stats['tokens']} tokens -> "
-              f"{cfg.tokenize.output}.bin/.idx; unigram entropy {entropy:.3f} nats/token "
-              "(a model that learns anything beyond token frequencies goes below it)", flush=True)
+    t = cfg.tokenize
+    inputs = OmegaConf.to_container(t.inputs, resolve=True)
+    if not D.is_main():
+        check_inputs(inputs, t.text_field)  # bad input fails on every rank alike, not only on rank 0
+        return True
+    Path(t.output).parent.mkdir(parents=True, exist_ok=True)
+    workers = worker_count(t.num_workers)
+    stats = tokenize_sharded(inputs, t.output, load_tokenizer(cfg.tokenizer), t.text_field, workers,
+                             t.shard_tokens)
+    entropy = unigram_entropy(open_dataset(t.output))
+    print(f"[tokenize] {stats['documents']} documents, {stats['tokens']} tokens -> {len(stats['shards'])} "
+          f"shard(s) + {t.output}.manifest.json; {stats['tokens'] / stats['seconds']:.0f} tokens/s with "
+          f"{workers} worker(s); unigram entropy {entropy:.3f} nats/token (a model that learns anything "
+          "beyond token frequencies goes below it)", flush=True)
     return True
 
 
@@ -73,13 +113,13 @@ def run_training(stage: str, cfg: DictConfig) -> bool:
     cfg = cfg.copy()
     cfg.model = OmegaConf.structured(mcfg)  # the shape actually trained (an HF init may set it)
     layout = Layout.build(cfg.parallel, mcfg, scfg, D.world_size(), D.rank())
+    task = make_task(stage, scfg, cfg, mcfg, layout)  # its data is opened and checked before the model
     resuming = latest_checkpoint(out / "checkpoints") is not None
     # a resumed run materializes from its own checkpoint directly (no random init first)
     init = str(latest_checkpoint(out / "checkpoints")) if resuming else scfg.init
     model = build_model(mcfg, init, scfg.seed, layout, cfg.parallel,
                         torch.bfloat16 if scfg.dtype == "bf16" else torch.float32)
     engine = build_engine(model, scfg, cfg.parallel, layout)
-    task = make_task(stage, scfg, cfg, mcfg, layout)
     if D.is_main():
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -95,6 +135,9 @@ def make_task(stage, scfg, cfg, mcfg, layout):
     if stage == "sft":
         from .sft import SFTTask
         return SFTTask(scfg, cfg, mcfg, layout)
+    if stage == "select":
+        from .premise_select import SelectTask
+        return SelectTask(scfg, cfg, mcfg, layout)
     from .dpo import DPOTask
     return DPOTask(scfg, cfg, mcfg, layout)
 
@@ -130,4 +173,7 @@ RUNNERS = {
     "dpo": lambda cfg: run_training("dpo", cfg),
     "export": run_export,
     "evaluate": run_evaluate,
+    "premises": run_premises_stage,
+    "select": lambda cfg: run_training("select", cfg),
+    "vision_sft": run_vision_sft,
 }

@@ -11,10 +11,12 @@ SFT and DPO in sft.py and dpo.py. A task implements:
 
 import math
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from data.indexed import IndexedDataset
+from data.mixture import MixtureStream, open_sources, parse_mixture, source_names
+from data.readers import DataError
 from data.stream import PackedStream, split_documents
 from model import load_balancing_loss, router_z_loss
 from model.loss import fused_linear_cross_entropy
@@ -22,6 +24,7 @@ from parallel.cross_entropy import vocab_parallel_cross_entropy
 from parallel.parallelize import reduce_router_stats
 
 from . import distributed as D
+from .config import pretrain_data
 
 
 def to_device(batch: dict) -> dict:
@@ -98,19 +101,36 @@ def sum_over_dp(values: list[float], layout) -> list[float]:
 
 
 class PretrainTask:
-    """Next-token loss on the packed stream; `valid_fraction` of the documents are held out, and the
-    first rows of their own stream (epoch 0's order) give eval/loss."""
+    """Next-token loss on the packed stream of `scfg.data`: one dataset prefix or a weighted mixture of
+    them (data.mixture). `valid_fraction` of each source's documents are held out; eval/loss is the
+    mixture's held-out loss (the sources' losses on the first rows of their held-out streams, weighted
+    by the mixture's shares), with eval/loss/<source> for each source of a mixture."""
+
+    data_metrics = staticmethod(dict)  # step metrics of the data; SFT reuses this loss without a mixture
 
     def __init__(self, scfg, model_cfg, layout):
         self.scfg, self.model_cfg, self.layout = scfg, model_cfg, layout
-        dataset = IndexedDataset(scfg.data)
-        train, valid = split_documents(len(dataset), scfg.valid_fraction, scfg.seed)
-        self.stream = PackedStream(dataset, scfg.seq_len, scfg.micro_batch_size,
-                                   scfg.seed, dp_rank=layout.dp_rank, dp_size=layout.dp,
-                                   accumulation=accumulation_steps(scfg, layout),
-                                   documents=None if not len(valid) else train)
-        self.valid = PackedStream(dataset, scfg.seq_len, scfg.micro_batch_size, scfg.seed,
-                                  documents=valid) if len(valid) else None
+        sources = parse_mixture(pretrain_data(scfg), "data")
+        datasets = open_sources(sources, "data", model_cfg.vocab_size)
+        train, self.valid = [], []
+        for source, dataset in zip(sources, datasets):
+            try:
+                train_docs, valid_docs = split_documents(len(dataset), scfg.valid_fraction, scfg.seed)
+            except DataError as e:
+                raise DataError(f"{source.path}: {e}") from None
+            train.append(PackedStream(dataset, scfg.seq_len, 1, scfg.seed,
+                                      documents=train_docs if len(valid_docs) else None))
+            if len(valid_docs):
+                self.valid.append(PackedStream(dataset, scfg.seq_len, scfg.micro_batch_size, scfg.seed,
+                                               documents=valid_docs))
+        self.names = source_names(sources)
+        self.stream = MixtureStream(train, [s.weight for s in sources], self.names, scfg.micro_batch_size,
+                                    dp_rank=layout.dp_rank, dp_size=layout.dp,
+                                    accumulation=accumulation_steps(scfg, layout))
+        self.data_metrics = self.stream.epochs  # epochs/<source>: how often each source has been seen
+        if D.is_main():
+            for line in self.stream.describe(scfg.steps * scfg.global_batch_size):
+                print(f"[data] {line}", flush=True)
 
     def next_batch(self):
         return to_device(self.stream.next_batch())
@@ -126,23 +146,31 @@ class PretrainTask:
 
     def reduce_metrics(self, sums, layout) -> dict:
         loss_sum, tokens = sum_over_dp([sums["loss_sum"], sums["tokens"]], layout)
-        return {"loss": loss_sum / tokens, **router_log(sums, layout)}
+        return {"loss": loss_sum / tokens, **router_log(sums, layout), **self.data_metrics()}
 
     def evaluate(self, engine, layout) -> dict:
-        if self.valid is None:
+        if not self.valid:
             return {}
-        loss_sum = tokens = 0.0
+        sums = []
         engine.eval()
         with torch.no_grad():
-            for rows in eval_batches(self.valid.rows_per_epoch, self.scfg.micro_batch_size, layout,
-                                     self.scfg.eval_batches):
-                batch = to_device(self.valid.batch_of(rows))
-                batch["mix_mask"] = batch["labels"] != -100  # filler rows mix into no other row
-                loss_sum += lm_loss_sum(engine, batch, layout)[0].item()
-                tokens += self.num_loss_tokens(batch)
+            for valid in self.valid:
+                loss_sum = tokens = 0.0
+                for rows in eval_batches(valid.rows_per_epoch, self.scfg.micro_batch_size, layout,
+                                         self.scfg.eval_batches):
+                    batch = to_device(valid.batch_of(rows))
+                    batch["mix_mask"] = batch["labels"] != -100  # filler rows mix into no other row
+                    loss_sum += lm_loss_sum(engine, batch, layout)[0].item()
+                    tokens += self.num_loss_tokens(batch)
+                sums += [loss_sum, tokens]
         engine.train()
-        loss_sum, tokens = sum_over_dp([loss_sum, tokens], layout)
-        return {"eval/loss": loss_sum / tokens}
+        sums = sum_over_dp(sums, layout)
+        losses = [loss_sum / tokens for loss_sum, tokens in zip(sums[0::2], sums[1::2])]
+        shares = self.stream.counts / self.stream.counts.sum()
+        metrics = {"eval/loss": float(np.dot(shares, losses))}
+        if len(losses) > 1:
+            metrics.update({f"eval/loss/{name}": loss for name, loss in zip(self.names, losses)})
+        return metrics
 
     def state_dict(self):
         return self.stream.state_dict()
