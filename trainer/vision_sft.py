@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.chat import IGNORE_INDEX, check_messages, json_object, split_train_valid
+from data.chat import IGNORE_INDEX, check_messages, read_jsonl, split_train_valid
 from data.readers import DataError
 from data.stream import EpochShuffle, StepSchedule
 from model.loss import fused_linear_cross_entropy
@@ -143,27 +143,15 @@ def encode_image_conversation(messages, tokenizer, base: Path, where: str,
 
 
 def load_image_conversations(path, tokenizer, skip_bad: bool, image_token_id: int, patch_size: int):
-    """(conversations, errors of the skipped records) of one jsonl file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    items, skipped = [], []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json_object(raw, where)
-                if "messages" not in record:
-                    raise DataError(f"{where}: record has no field 'messages'")
-                items.append(encode_image_conversation(record["messages"], tokenizer, path.parent, where,
-                                                       image_token_id, patch_size))
-            except DataError as e:
-                if not skip_bad:
-                    raise
-                skipped.append(str(e))
-    return items, skipped
+    """(conversations, errors of the skipped records) of one jsonl file; image paths are relative to it."""
+    folder = Path(path).parent
+
+    def convert(record, where):
+        if "messages" not in record:
+            raise DataError(f"{where}: record has no field 'messages'")
+        return encode_image_conversation(record["messages"], tokenizer, folder, where, image_token_id, patch_size)
+
+    return read_jsonl(path, convert, skip_bad)
 
 
 @dataclass
