@@ -51,7 +51,7 @@ def counted_bytes(model, layout, dtype: str, zero_stage: int) -> dict:
 def dry_run(cfg, recipe: str, overrides: list[str], rank: int, world_size: int = None, stage: str = None) -> dict:
     from parallel.layout import Layout
     from parallel.parallelize import parallelize
-    from slurm.submit import TRAINING_STAGES, check, render
+    from slurm.submit import TRAINING_STAGES, check, job_shape, render
 
     from model import Mixtral
 
@@ -61,8 +61,9 @@ def dry_run(cfg, recipe: str, overrides: list[str], rank: int, world_size: int =
     stage = stage or next((s for s in cfg.stages if s in TRAINING_STAGES), None)
     if stage not in TRAINING_STAGES:
         raise ConfigError(f"--dry-run needs a training stage ({', '.join(TRAINING_STAGES)}); stages: {list(cfg.stages)}")
-    ranks = check(cfg)
-    world_size = world_size or ranks
+    check(cfg)
+    nodes, tasks, _ = job_shape(cfg, stage)
+    world_size = world_size or nodes * tasks
     scfg = cfg[stage]
     mcfg = model_config_for(model_config_of(cfg), scfg.init)
     starting_source(mcfg, scfg.init, scfg.seed)  # an HF folder's shards and shapes, a checkpoint's manifest
