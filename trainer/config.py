@@ -17,9 +17,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from model.config import ModelConfig, PRESETS, check_preset, resolve_granularity, validate_model_config
 
-STAGES = ("tokenize", "pretrain", "transition", "sft", "dpo", "export", "evaluate")
-STAGES += ("premises", "select")  # premise selection (trainer/premise_stage.py, trainer/premise_select.py)
-STAGES += ("vision_sft",)  # image-text SFT (trainer/vision_sft.py)
+STAGES = ("tokenize", "pretrain", "transition", "sft", "dpo", "export", "evaluate",
+          "premises", "select",  # premise selection (trainer/premise_stage.py, trainer/premise_select.py)
+          "vision_sft")  # image-text SFT (trainer/vision_sft.py)
 
 
 @dataclass
