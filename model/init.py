@@ -78,3 +78,27 @@ class StateDictSource:
         if list(t.shape) != list(full_shape):
             raise ValueError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(full_shape)}")
         return t[tuple(slice(o, o + n) for o, n in zip(offsets, shape))]
+
+
+class PrefixedSource:
+    """A model that wraps the decoder as `<prefix>*` (model/multimodal.py, model/reranker.py): names under
+    the prefix are read from `decoder` under the decoder's own names, the others from `rest`."""
+
+    def __init__(self, prefix: str, decoder, rest):
+        self.prefix, self.decoder, self.rest = prefix, decoder, rest
+
+    def read(self, name: str, full_shape, offsets, shape) -> torch.Tensor:
+        if name.startswith(self.prefix):
+            return self.decoder.read(name[len(self.prefix):], full_shape, offsets, shape)
+        return self.rest.read(name, full_shape, offsets, shape)
+
+
+class SubmoduleSource:
+    """A source's tensors under `prefix` (a submodule such as `decoder.`), read under the submodule's own
+    names: exports the decoder of a wrapping model."""
+
+    def __init__(self, source, prefix: str):
+        self.source, self.prefix = source, prefix
+
+    def read(self, name: str, full_shape, offsets, shape) -> torch.Tensor:
+        return self.source.read(self.prefix + name, full_shape, offsets, shape)

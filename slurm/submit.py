@@ -21,13 +21,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from trainer.config import ConfigError, load_config, model_config_of
+from trainer.config import TRAINING_STAGES, ConfigError, load_config, model_config_of
 
 from . import EXIT_PREEMPTED
 
 ROOT = Path(__file__).resolve().parents[1]  # this repository: on PYTHONPATH in the jobs
 TEMPLATE = ROOT / "slurm" / "train.sbatch"
-TRAINING_STAGES = ("pretrain", "transition", "sft", "dpo")
 DEFAULT_ENV = {  # the recipe's slurm.env overrides any of them
     "OMP_NUM_THREADS": None,  # slurm.cpus_per_task: threads per rank (torchrun's default is 1)
     "PYTHONUNBUFFERED": "1",  # log lines reach the job's output file as they are printed

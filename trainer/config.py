@@ -18,8 +18,11 @@ from omegaconf.errors import OmegaConfBaseException
 from model.config import ModelConfig, PRESETS, check_preset, resolve_granularity, validate_model_config
 
 STAGES = ("tokenize", "pretrain", "transition", "sft", "dpo", "export", "evaluate",
-          "premises", "select",  # premise selection (trainer/premise_stage.py, trainer/premise_select.py)
+          "premises", "select", "rerank",  # premise selection (trainer/premise_stage.py, premise_select.py, premise_rerank.py)
           "vision_sft")  # image-text SFT (trainer/vision_sft.py)
+# stages that train on every rank of the job (the others run on rank 0): the layout is checked up front,
+# and a SLURM job may give each its own node count (slurm.stage_nodes)
+TRAINING_STAGES = ("pretrain", "transition", "sft", "dpo", "select", "rerank", "vision_sft")
 
 
 @dataclass
@@ -201,6 +204,7 @@ class RecipeConfig:
     evaluate: EvaluateStage = field(default_factory=EvaluateStage)
     premises: "PremisesStage" = field(default_factory=lambda: PremisesStage())
     select: "SelectStage" = field(default_factory=lambda: SelectStage())
+    rerank: "RerankStage" = field(default_factory=lambda: RerankStage())
     vision_sft: "VisionSFTStage" = field(default_factory=lambda: VisionSFTStage())
 
 
@@ -433,6 +437,24 @@ class SelectStage(TrainConfig):
     eval_queries: int = 0  # held-out theorems per evaluation, the last ones (0: all)
 
 
+@dataclass
+class RerankStage(TrainConfig):
+    """RERANK (trainer/premise_rerank.py): a cross-encoder on the SELECT backbone, BCE on SELECT's hard
+    negatives; re-scores SELECT's top rerank_k of each held-out theorem."""
+    data: str = "${premises.output}"
+    init: Optional[str] = "${select.output}"  # the SELECT model (a select run or its HF export): starts the cross-encoder, mines the negatives
+    output: str = "${run_dir}/rerank"
+    seq_len: int = 128  # tokens of theorem + premise (the premise keeps at most half)
+    select_seq_len: int = "${select.seq_len}"  # tokens of a statement as SELECT embeds it (mining)
+    negatives: int = 7  # hard negatives per cited premise, drawn from its theorem's SELECT top mine_k
+    mine_k: int = 64
+    mine_theorems: int = 0  # train theorems mined, a seeded sample (0: all)
+    rerank_k: int = 64  # SELECT's top K of each held-out theorem re-scored
+    eval_batch_size: int = 64  # rows per forward pass when embedding or scoring
+    eval_queries: int = 0  # held-out theorems evaluated, the last ones (0: all)
+    export_hf: Optional[str] = None  # write the result as an HF Mixtral folder + rerank_head.safetensors
+
+
 def validate_premise_stages(cfg: DictConfig) -> None:
     if "premises" in cfg.stages and not 0 < cfg.premises.valid_fraction < 1:
         raise ConfigError(f"premises.valid_fraction must be in (0, 1), got {cfg.premises.valid_fraction}")
@@ -445,6 +467,17 @@ def validate_premise_stages(cfg: DictConfig) -> None:
             raise ConfigError("select.temperature must be > 0, select.extra_negatives and select.eval_queries "
                               f">= 0, select.eval_batch_size >= 1; got {s.temperature}, {s.extra_negatives}, "
                               f"{s.eval_queries}, {s.eval_batch_size}")
+    if "rerank" in cfg.stages:
+        r = cfg.rerank
+        if cfg.parallel.sp:
+            raise ConfigError("parallel.sp with stage 'rerank': the score reads a row's last token; set parallel.sp=false")
+        if r.init is None:
+            raise ConfigError("rerank.init: the SELECT model to start from is required (a select run or its HF export)")
+        bad = {k: r[k] for k in ("seq_len", "select_seq_len", "mine_k", "rerank_k", "eval_batch_size") if r[k] < 1}
+        bad.update({k: r[k] for k in ("negatives", "mine_theorems", "eval_queries") if r[k] < 0})
+        if bad or r.seq_len < 2:
+            raise ConfigError(f"rerank: {bad or {'seq_len': r.seq_len}}: seq_len must be >= 2, select_seq_len, mine_k, "
+                              "rerank_k and eval_batch_size >= 1, negatives, mine_theorems and eval_queries >= 0")
 
 
 @dataclass

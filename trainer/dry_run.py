@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from .config import ConfigError, model_config_of
+from .config import TRAINING_STAGES, ConfigError, model_config_of
 
 GIB = 2 ** 30
 
@@ -51,7 +51,7 @@ def counted_bytes(model, layout, dtype: str, zero_stage: int) -> dict:
 def dry_run(cfg, recipe: str, overrides: list[str], rank: int, world_size: int = None, stage: str = None) -> dict:
     from parallel.layout import Layout
     from parallel.parallelize import parallelize
-    from slurm.submit import TRAINING_STAGES, check, job_shape, render
+    from slurm.submit import check, job_shape, render
 
     from model import Mixtral
 

@@ -75,6 +75,17 @@ def build_model(mcfg: ModelConfig, init, seed: int, layout: Layout, pcfg,
     return materialize(model, source, device(), dtype)
 
 
+
+def build_wrapped_model(make, source, layout: Layout, pcfg, dtype: torch.dtype = torch.float32):
+    """build_model for a model that holds our decoder as `.decoder` next to parts of its own (model/
+    multimodal.py, model/reranker.py): make() builds it on the meta device, the decoder is parallelized,
+    every parameter materialized from `source` (its names, decoder.* included)."""
+    with torch.device("meta"):
+        model = make()
+    parallelize(model.decoder, layout, pcfg)
+    return materialize(model, source, device(), dtype)
+
+
 def param_groups(model, weight_decay: float) -> list[dict]:
     """Weight decay on matrices, none on norms (1-D parameters)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]

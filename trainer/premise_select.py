@@ -59,36 +59,41 @@ def embed_rows(model, batch):
 
 
 @torch.no_grad()
-def embed_all(model, rows: list[list[int]], batch_size: int, layout) -> torch.Tensor:
-    """(N, D) embeddings of every row, computed in length-sorted batches, each data-parallel rank a share
-    (every rank runs the same number of forward passes), summed over the ranks."""
+def map_rows(fn, rows: list[list[int]], batch_size: int, layout) -> torch.Tensor:
+    """(N, ...) outputs of fn(padded batch) for every row, computed in length-sorted batches, each
+    data-parallel rank a share (every rank runs the same number of forward passes), summed over the ranks."""
     by_length = np.argsort([len(r) for r in rows], kind="stable")
     out = None
     for indices in eval_batches(len(rows), batch_size, layout):
         picked = [int(by_length[0 if i is None else i]) for i in indices]
-        emb, _ = embed_rows(model, to_device(pad_rows([rows[j] for j in picked])))
+        values = fn(to_device(pad_rows([rows[j] for j in picked])))
         if out is None:
-            out = torch.zeros(len(rows), emb.shape[1], device=emb.device)
+            out = torch.zeros(len(rows), *values.shape[1:], device=values.device)
         for row, i in enumerate(indices):
             if i is not None:
-                out[by_length[i]] = emb[row]
+                out[by_length[i]] = values[row]
     if dist.is_initialized() and layout.dp > 1:
         dist.all_reduce(out, group=layout.dp_group)
     return out
+
+
+def embed_all(model, rows: list[list[int]], batch_size: int, layout) -> torch.Tensor:
+    """(N, D) unit embeddings of every row (map_rows)."""
+    return map_rows(lambda batch: embed_rows(model, batch)[0], rows, batch_size, layout)
 
 
 class PremiseData:
     """The premises stage's split, tokenized: corpus rows, train and held-out theorem rows."""
 
     def __init__(self, folder: str, tokenizer_name: str, seq_len: int):
-        self.labels, texts, self.orders, self.train, self.valid = read_split(folder)
+        self.labels, self.texts, self.orders, self.train, self.valid = read_split(folder)
         self.index = {label: i for i, label in enumerate(self.labels)}
         for record in self.train + self.valid:
             missing = [p for p in record.premises if p not in self.index]
             if missing:
                 raise DataError(f"{folder}: theorem {record.label!r} uses {missing[0]!r}, absent from corpus.jsonl")
         tokenizer = load_tokenizer(tokenizer_name)
-        self.corpus_rows = encode_texts(tokenizer, texts, seq_len)
+        self.corpus_rows = encode_texts(tokenizer, self.texts, seq_len)
         self.train_rows = encode_texts(tokenizer, [r.text for r in self.train], seq_len)
         self.valid_rows = encode_texts(tokenizer, [r.text for r in self.valid], seq_len)
         self.pairs = np.array([(t, self.index[p]) for t, r in enumerate(self.train) for p in r.premises])

@@ -38,9 +38,13 @@ class RankingMetrics:
     def add_ranking(self, ranking: np.ndarray, relevant: list[int]) -> None:
         """`ranking`: candidate indices best first (a top-K list ranks what it lists; the rest count as
         missed)."""
-        found = np.flatnonzero(np.isin(ranking, relevant))  # the ranks of the relevant entries listed
-        self.recall_sums += [np.sum(found < k) / len(relevant) for k in self.ks]
-        self.rr_sum += 1.0 / (1 + found.min()) if found.size else 0.0
+        self.add_ranks(np.flatnonzero(np.isin(ranking, relevant)), len(relevant))
+
+    def add_ranks(self, ranks: np.ndarray, relevant_count: int) -> None:
+        """ranks: the 0-based ranks of those of the query's `relevant_count` premises that are ranked."""
+        ranks = np.asarray(ranks)
+        self.recall_sums += [np.sum(ranks < k) / relevant_count for k in self.ks]
+        self.rr_sum += 1.0 / (1 + ranks.min()) if ranks.size else 0.0
         self.count += 1
 
     def result(self) -> dict:

@@ -14,12 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import distributed as D
-from .config import model_config_of, pretrain_data, save_config
-from .premise_stage import run_premises_stage
-from .vision_sft import run_vision_sft
-
-TRAINING_STAGES = ("pretrain", "transition", "sft", "dpo", "select")
-
+from .config import TRAINING_STAGES, model_config_of, pretrain_data, save_config
 
 def stage_output(cfg: DictConfig, stage: str) -> Path:
     return Path(cfg[stage].output if stage != "tokenize" else cfg.tokenize.output + ".idx")
@@ -165,6 +160,24 @@ def run_evaluate(cfg: DictConfig) -> bool:
     return True
 
 
+def run_premises(cfg: DictConfig) -> bool:
+    from .premise_stage import run_premises_stage
+
+    return run_premises_stage(cfg)
+
+
+def run_rerank(cfg: DictConfig) -> bool:
+    from .premise_rerank import run_rerank
+
+    return run_rerank(cfg)
+
+
+def run_vision_sft(cfg: DictConfig) -> bool:
+    from .vision_sft import run_vision_sft
+
+    return run_vision_sft(cfg)
+
+
 RUNNERS = {
     "tokenize": run_tokenize,
     "pretrain": lambda cfg: run_training("pretrain", cfg),
@@ -173,7 +186,8 @@ RUNNERS = {
     "dpo": lambda cfg: run_training("dpo", cfg),
     "export": run_export,
     "evaluate": run_evaluate,
-    "premises": run_premises_stage,
+    "premises": run_premises,
     "select": lambda cfg: run_training("select", cfg),
+    "rerank": run_rerank,
     "vision_sft": run_vision_sft,
 }
