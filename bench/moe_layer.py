@@ -1,7 +1,8 @@
 """One MoE layer (router + experts), forward + backward: ours against transformers and DeepSpeed.
 
     python bench/moe_layer.py [--tokens 4096 --dim 256 --expert-dim 512 --experts 8 --top-k 2
-        --granularity 1,2,4,8 --steps 3 --warmup 1 --threads 1 --dtype fp32|bf16 --device cpu|cuda]
+        --granularity 1,2,4,8 --steps 3 --warmup 1 --threads 1 --dtype fp32|bf16 --device cpu|cuda
+        --variants ours,hf-eager,... --json PATH]
 
 Granularity G (fine-grained MoE): G x experts experts of hidden expert-dim / G, top G x top-k: the same
 FLOPs per token at every G. Variants, all on one device with the same router weights and tokens:
@@ -18,25 +19,29 @@ Loss: sum(out * g) for a fixed random g. Time: the fastest of --steps after --wa
 machine the least disturbed; the variants take turns), one process, --threads CPU threads (1 by default:
 OpenMP threads on an oversubscribed machine made single steps up to 100x slower).
 Peak memory above the weights and inputs of one forward + backward: CUDA max_memory_allocated, CPU peak
-RSS (VmHWM, reset before the step; bench/train_throughput.py's helpers).
+RSS (VmHWM, reset before the step; bench/train_throughput.py's helpers). Weights are built on the device.
+--json writes the table's rows as a JSON list.
 """
 
 import argparse
+import json
 import os
 import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
-import torch.distributed as dist
-from torch import nn
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# the repository root instead of bench/, whose tokenize.py would shadow the standard library's
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch import nn  # noqa: E402
 
+from bench.train_throughput import _status_kib, peak_bytes, release_and_reset_peak  # noqa: E402
 from model.moe import MoE  # noqa: E402
-from train_throughput import _status_kib, peak_bytes, release_and_reset_peak  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 VARIANTS = ("ours", "hf-eager", "hf-grouped_mm", "deepspeed-moe", "ours+deepspeed-moe")
@@ -143,6 +148,7 @@ def main(argv=None):
     ap.add_argument("--dtype", choices=DTYPES, default="fp32")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--json", help="write the rows here as JSON")
     args = ap.parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     torch.set_num_threads(args.threads)
@@ -152,25 +158,32 @@ def main(argv=None):
     print(f"{args.tokens} tokens, dim {args.dim}, {args.dtype} on {device} ({torch.get_num_threads()} threads)\n")
     print("| G | experts x hidden, top-k | variant | tokens/s | vs hf-eager | ms | peak MiB | cost vs G=1 |")
     print("|---|---|---|---|---|---|---|---|")
-    base = {}
+    base, records = {}, []
     for G in map(int, args.granularity.split(",")):
         E, k, F = args.experts * G, args.top_k * G, args.expert_dim // G
         torch.manual_seed(0)
-        moe = MoE(args.dim, E, k, F)
-        for p in moe.experts.parameters():
-            nn.init.normal_(p, std=args.dim ** -0.5)
-        moe.to(device, dtype)
-        x = torch.randn(args.tokens, args.dim, device=device, dtype=dtype, requires_grad=True)
-        g = torch.randn_like(x)
-        built = {variant: build(variant, moe, layout, k) for variant in variants}
+        with torch.device(device):
+            moe = MoE(args.dim, E, k, F)
+            for p in moe.experts.parameters():
+                nn.init.normal_(p, std=args.dim ** -0.5)
+            moe.to(dtype)
+            x = torch.randn(args.tokens, args.dim, dtype=dtype, requires_grad=True)
+            g = torch.randn_like(x)
+            built = {variant: build(variant, moe, layout, k) for variant in variants}
         for module, _ in built.values():
             module.to(device, dtype)
         rows = measure(built, x, g, args.steps, args.warmup, device)
         for variant, (seconds, peak) in rows.items():
             base.setdefault(variant, seconds)
             ref = rows.get("hf-eager", (seconds,))[0]
-            print(f"| {G} | {E} x {F}, top-{k} | {variant} | {args.tokens / seconds:,.0f} | {ref / seconds:.2f}x "
-                  f"| {seconds * 1e3:.1f} | {peak / 2**20:.0f} | {seconds / base[variant]:.2f}x |")
+            print(f"| {G} | {E} x {F}, top-{k} | {variant} | {args.tokens / seconds:,.0f} | "
+                  f"{ref / seconds:.2f}x | {seconds * 1e3:.1f} | {peak / 2**20:.0f} | "
+                  f"{seconds / base[variant]:.2f}x |", flush=True)
+            records.append(dict(G=G, experts=E, expert_dim=F, top_k=k, variant=variant, seconds=seconds,
+                                tokens_per_s=args.tokens / seconds, peak_bytes=peak))
+        if args.json:
+            Path(args.json).write_text(json.dumps(dict(tokens=args.tokens, dim=args.dim, dtype=args.dtype,
+                                                       device=str(device), rows=records), indent=1))
     dist.destroy_process_group()
 
 

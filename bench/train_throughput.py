@@ -1,7 +1,15 @@
 """Training throughput: our Mixtral against transformers' MixtralForCausalLM in one run.
 
     python bench/train_throughput.py --preset tiny [--steps 6 --warmup 2 --batch 8 --seq 256
-        --dtype fp32|bf16 --device cpu|cuda --rounds 2 --ours deepspeed+fused,torch+logits]
+        --dtype fp32|bf16 --device cpu|cuda --rounds 2 --ours deepspeed+fused,torch+logits --json PATH]
+    python bench/train_throughput.py --case 86m|mixtral-gpu [any flag above: it overrides the case]
+
+Cases (CASES): `86m` is tiny at dim 512 (86 M parameters), batch 4 x 512; `mixtral-gpu` is two
+Mixtral-8x7B layers (dim 4096, 32 heads, 8 kv heads, 8 experts of 14336, top-2; 3.16 B parameters) in
+bf16 at 8 x 4096, for one H100/H200: trainer.plan puts the trainer's peak at 71 GiB, set by the optimizer
+step (weights, fp32 master and Adam states, bf16 and fp32 gradients), which up to batch 8 needs more than
+the activations; on an H200 `--set num_layers=3` fits too (103 GiB). A case's --set items come first,
+so `--set attention=sdpa` adds to them.
 
 Both sides train the same config (model.hf.hf_config), the same weights (ours -> model.hf.to_hf ->
 transformers' fused expert layout), the same random batch, in the same dtype, with torch AdamW
@@ -12,11 +20,14 @@ transformers' fused expert layout), the same random batch, in the same dtype, wi
   attention takes the document-mask path the trainer takes): mean token cross entropy over the same B*(T-1)
   positions + router_aux_loss_coef * load_balancing_loss (+ z-loss if its coefficient is set), by
     "+fused"  Mixtral.hidden + model.loss.fused_linear_cross_entropy (no (B*T, V) logits), or
-    "+logits" Mixtral.forward + parallel.cross_entropy.vocab_parallel_cross_entropy on fp32 logits;
+    "+logits" Mixtral.forward + parallel.cross_entropy.vocab_parallel_cross_entropy on fp32 logits,
+  optionally "+flash" / "+sdpa" forcing model.attention (default: the config's, auto);
   stepped by "torch" (the model and torch AdamW, as transformers is) or "deepspeed" (the real
   trainer.engine.build_engine: DeepSpeed, ZeRO stage --zero-stage, world of one, its AdamW with the
   recipe defaults' betas and no decay on norms; bf16 keeps fp32 master weights there).
-In dtype bf16 the "torch" runs and transformers hold bf16 weights and AdamW states.
+In dtype bf16 the "torch" runs and transformers hold bf16 weights and AdamW states. Weights are drawn on
+the device (Normal(0, init_std) matrices from one seeded generator, norms as model.init_weights sets them):
+model.init_weights draws per 64-row block on the CPU, minutes for billions of parameters.
 
 Every (variant, round) trains in a fresh subprocess, rounds alternate the order; the table gives each
 variant's best round (median step time within the round): on a shared machine the least disturbed.
@@ -24,7 +35,10 @@ Peak memory: CUDA torch.cuda.max_memory_allocated; CPU the peak resident set siz
 through /proc/self/clear_refs once the weights are in place) minus the RSS before the model was built,
 so it counts weights, gradients, optimizer states, activations and allocator slack.
 MFU = tokens/s * model.flops.flops_per_token / peak, against the peak of a large matmul measured in
-this run (and, on H100/H200 in bf16, the 989 TFLOP/s datasheet peak).
+this run (and, on H100/H200 in bf16, the 989 TFLOP/s datasheet peak). The deepspeed variants also report
+trainer.plan's peak for their exact settings (ZeRO stage, bucket, loss, attention backend).
+A variant whose worker fails is reported and left out (exit status 1 at the end); --json writes the
+results after each variant.
 """
 
 import argparse
@@ -40,16 +54,25 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# the repository root instead of bench/, whose tokenize.py would shadow the standard library's
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch  # noqa: E402
 
 from model import Mixtral, flops_per_token, hf_config, load_balancing_loss, model_config, router_z_loss, to_hf  # noqa: E402
+from model.attention import pick_backend  # noqa: E402
+from model.init import RandomInit  # noqa: E402
 from model.loss import fused_linear_cross_entropy  # noqa: E402
 
 DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 TFLOP/s of the SXM parts
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CASES = {
+    "86m": dict(preset="tiny", set=["dim=512", "num_layers=4", "num_heads=8", "num_kv_heads=4",
+                                    "expert_dim=1024"], batch=4, seq=512),
+    "mixtral-gpu": dict(preset="mixtral-8x7b", set=["num_layers=2"], batch=8, seq=4096, dtype="bf16"),
+}
 
 
 # ---- memory -----------------------------------------------------------------------------------
@@ -95,8 +118,8 @@ def hf_state_dict(our_state: dict, cfg) -> dict:
     return out
 
 
-def bench_config(args):
-    """The preset with the --set overrides (values parsed as Python literals, else strings)."""
+def bench_config(args, **extra):
+    """The preset with the --set overrides (values parsed as Python literals, else strings), then extra."""
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
@@ -104,7 +127,20 @@ def bench_config(args):
             overrides[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             overrides[key] = value
-    return model_config(args.preset, **overrides)
+    return model_config(args.preset, **overrides, **extra)
+
+
+@torch.no_grad()
+def draw_weights(model, seed: int) -> None:
+    """Matrices ~ Normal(0, init_std) from one generator on the model's device; vectors (norms) as
+    model.init_weights sets them."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    vectors = RandomInit(model.cfg.init_std, seed)
+    for name, p in model.named_parameters():
+        if p.dim() > 1:
+            p.normal_(0, model.cfg.init_std, generator=gen)
+        else:
+            p.copy_(vectors.read(name, p.shape, [0], p.shape))
 
 
 def our_loss(model, forward, tokens, positions, labels, loss_path: str):
@@ -124,12 +160,14 @@ def our_loss(model, forward, tokens, positions, labels, loss_path: str):
     return loss
 
 
-def build_deepspeed(model, args):
+def build_deepspeed(model, args, loss_path: str):
+    """(the trainer's DeepSpeed engine around model, trainer.plan's peak bytes for it)."""
     from parallel.layout import Layout
     from trainer import distributed as D
     from trainer.config import load_config
     from parallel.parallelize import parallelize
-    from trainer.engine import build_engine
+    from trainer.engine import build_engine, deepspeed_config
+    from trainer.plan import plan
 
     cfg = load_config(None, [f"model.preset={args.preset}", f"pretrain.micro_batch_size={args.batch}",
                              f"pretrain.global_batch_size={args.batch}", f"pretrain.seq_len={args.seq}",
@@ -137,16 +175,24 @@ def build_deepspeed(model, args):
                              "pretrain.warmup_steps=0", "pretrain.weight_decay=0.1",
                              f"parallel.zero_stage={args.zero_stage}"])
     layout = Layout.build(cfg.parallel, model.cfg, cfg.pretrain, D.world_size(), D.rank())
-    return build_engine(parallelize(model, layout, cfg.parallel).to(D.device()), cfg.pretrain, cfg.parallel,
-                        layout)
+    zero = deepspeed_config(cfg.pretrain, layout, cfg.parallel.zero_stage)["zero_optimization"]
+    device = D.device()
+    planned = plan(model.cfg, zero_stage=zero["stage"], micro_batch=args.batch, seq_len=args.seq,
+                   dtype=args.dtype, fused_loss=loss_path == "fused", device=device.type,
+                   document_mask=pick_backend(model.cfg.attention, device) != "flash",
+                   reduce_bucket_size=zero["reduce_bucket_size"])["peak"]
+    model = parallelize(model, layout, cfg.parallel).to(device)
+    engine = build_engine(model, cfg.pretrain, cfg.parallel, layout)
+    return engine, planned
 
 
 def run_worker(args) -> dict:
     """Train one variant; returns its measurements."""
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
-    cfg = bench_config(args)
-    engine_kind, loss_path = args.worker.split("+") if args.worker != "transformers" else ("hf", None)
+    parts = ["hf", None] if args.worker == "transformers" else args.worker.split("+")
+    engine_kind, loss_path, *attention = parts  # attention: [] or [flash|sdpa]
+    cfg = bench_config(args, **({"attention": attention[0]} if attention else {}))
     if engine_kind == "deepspeed":
         from trainer import distributed as D
         D.init_distributed()  # before the baseline: deepspeed's own start-up memory is not the model's
@@ -155,18 +201,21 @@ def run_worker(args) -> dict:
     gc.collect()
     baseline_kib = _status_kib("VmRSS") if device.type == "cpu" else 0
 
-    model = Mixtral(cfg)
-    model.init_weights(args.seed)
-    if engine_kind == "hf":
-        from transformers import MixtralForCausalLM
-        hc = hf_config(cfg)
-        hc.output_router_logits = True
-        hf = MixtralForCausalLM(hc)
-        hf.load_state_dict(hf_state_dict(model.state_dict(), cfg), strict=True)
-        model = hf
+    with torch.device(device):
+        model = Mixtral(cfg)
+        draw_weights(model, args.seed)
+        if engine_kind == "hf":
+            from transformers import MixtralForCausalLM
+            hc = hf_config(cfg)
+            hc.output_router_logits = True
+            hf = MixtralForCausalLM(hc)
+            hf.load_state_dict(hf_state_dict(model.state_dict(), cfg), strict=True)
+            model = hf
+    attention = None if engine_kind == "hf" else pick_backend(cfg.attention, device)
     release_and_reset_peak(device)
+    planned = None
     if engine_kind == "deepspeed":
-        engine = build_deepspeed(model, args)  # moves the model to the device, casts it for bf16
+        engine, planned = build_deepspeed(model, args, loss_path)  # casts the model for bf16
         model = engine.module
     else:
         model.to(device=device, dtype=dtype)
@@ -203,7 +252,8 @@ def run_worker(args) -> dict:
         first_loss = loss if first_loss is None else first_loss
     median = sorted(times)[len(times) // 2]
     return {"variant": args.worker, "step_s": median, "tokens_per_s": args.batch * args.seq / median,
-            "peak_bytes": peak_bytes(device, baseline_kib), "first_loss": first_loss, "last_loss": loss}
+            "peak_bytes": peak_bytes(device, baseline_kib), "planned_peak_bytes": planned,
+            "attention": attention, "first_loss": first_loss, "last_loss": loss}
 
 
 # ---- the parent: peak FLOP/s, subprocesses, table -----------------------------------------------------
@@ -247,27 +297,29 @@ def table(results: dict, args, peak: float, sheet: float) -> str:
     mem_name = "peak GPU mem GiB" if args.device == "cuda" else "peak RSS GiB"
     head = ["variant", "tokens/s", "step ms", "model TFLOP/s", f"MFU vs {peak / 1e12:.3g} TF measured"]
     head += ["MFU vs datasheet"] if sheet else []
-    head += [mem_name, "loss step 1 -> last"]
+    head += [mem_name, "planner GiB", "loss step 1 -> last"]
     rows = []
     for name, r in results.items():
         row = [name, f"{r['tokens_per_s']:.0f}", f"{1e3 * r['step_s']:.0f}",
                f"{r['tokens_per_s'] * fpt / 1e12:.4g}", f"{100 * r['tokens_per_s'] * fpt / peak:.1f}%"]
         row += [f"{100 * r['tokens_per_s'] * fpt / sheet:.1f}%"] if sheet else []
-        row += [f"{r['peak_bytes'] / 2 ** 30:.3f}", f"{r['first_loss']:.4f} -> {r['last_loss']:.4f}"]
+        planned = f"{r['planned_peak_bytes'] / 2 ** 30:.3f}" if r["planned_peak_bytes"] else ""
+        row += [f"{r['peak_bytes'] / 2 ** 30:.3f}", planned, f"{r['first_loss']:.4f} -> {r['last_loss']:.4f}"]
         rows.append(row)
-    hf = results["transformers"]
+    hf = results.get("transformers")
     for name, r in results.items():
-        if name != "transformers":
+        if hf and name != "transformers":
             ratio = r["tokens_per_s"] / hf["tokens_per_s"]
             row = [f"{name} / transformers", f"{ratio:.2f}x", "", f"{ratio:.2f}x", ""]
             row += [""] if sheet else []
-            rows.append(row + [f"{r['peak_bytes'] / hf['peak_bytes']:.2f}x", ""])
+            rows.append(row + [f"{r['peak_bytes'] / hf['peak_bytes']:.2f}x", "", ""])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--case", choices=sorted(CASES), help="a named shape (CASES); explicit flags override it")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="model config overrides, e.g. dim=2048 expert_dim=7168 num_layers=8")
@@ -279,12 +331,17 @@ def main(argv=None):
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--rounds", type=int, default=2, help="fresh processes per variant, order alternating")
     p.add_argument("--ours", default="deepspeed+fused,deepspeed+logits,torch+fused,torch+logits",
-                   help="comma list of ENGINE+LOSS, ENGINE in {torch, deepspeed}, LOSS in {fused, logits}")
+                   help="comma list of ENGINE+LOSS[+ATTENTION], ENGINE in {torch, deepspeed}, LOSS in "
+                   "{fused, logits}, ATTENTION in {flash, sdpa} (default: model.attention)")
     p.add_argument("--zero-stage", type=int, default=1, help="DeepSpeed ZeRO stage of the deepspeed variants "
                    "(1: the trainer's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the measurements here as JSON")
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    case = CASES.get(p.parse_known_args(argv)[0].case, {})
+    p.set_defaults(**{k: v for k, v in case.items() if k != "set"})
     args = p.parse_args(argv)
+    args.set = case.get("set", []) + args.set
     if args.worker:
         print("RESULT " + json.dumps(run_worker(args)), flush=True)
         return
@@ -293,27 +350,41 @@ def main(argv=None):
         print("deepspeed is not installed: its variants are skipped")
         variants = [v for v in variants if not v.startswith("deepspeed")]
     for v in variants[:-1]:
-        engine, _, loss = v.partition("+")
-        if engine not in ("torch", "deepspeed") or loss not in ("fused", "logits"):
-            p.error(f"--ours: {v!r} is not ENGINE+LOSS (torch|deepspeed + fused|logits)")
+        engine, loss, *attention = v.split("+")
+        if engine not in ("torch", "deepspeed") or loss not in ("fused", "logits") or \
+                attention not in ([], ["flash"], ["sdpa"]):
+            p.error(f"--ours: {v!r} is not ENGINE+LOSS[+ATTENTION] "
+                    "(torch|deepspeed + fused|logits [+ flash|sdpa])")
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     forwarded = list(argv if argv is not None else sys.argv[1:])
     peak, sheet = measured_peak_flops(device, dtype), datasheet_peak(device, dtype)
-    results = {}
-    for r in range(args.rounds):
-        for v in variants if r % 2 == 0 else variants[::-1]:
-            res = spawn(v, forwarded)
-            print(f"round {r + 1}: {v:18s} {res['tokens_per_s']:8.0f} tokens/s  "
-                  f"{res['peak_bytes'] / 2 ** 30:.3f} GiB  loss {res['first_loss']:.5f}", flush=True)
-            if v not in results or res["tokens_per_s"] > results[v]["tokens_per_s"]:
-                results[v] = res
     threads = torch.get_num_threads()
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {threads} torch threads"
     shape = f"{args.preset} {' '.join(args.set)}".strip()
+    results, failed = {}, {}
+    for r in range(args.rounds):
+        for v in variants if r % 2 == 0 else variants[::-1]:
+            try:
+                res = spawn(v, forwarded)
+                print(f"round {r + 1}: {v:18s} {res['tokens_per_s']:8.0f} tokens/s  "
+                      f"{res['peak_bytes'] / 2 ** 30:.3f} GiB  loss {res['first_loss']:.5f}", flush=True)
+                if v not in results or res["tokens_per_s"] > results[v]["tokens_per_s"]:
+                    results[v] = res
+            except RuntimeError as e:
+                print(f"round {r + 1}: {e}", flush=True)
+                failed[v] = str(e)[-2000:]
+            if args.json:
+                Path(args.json).write_text(json.dumps(dict(
+                    shape=shape, batch=args.batch, seq=args.seq, dtype=args.dtype, device=where,
+                    flops_per_token=flops_per_token(bench_config(args), args.seq)["total"],
+                    peak_flops_measured=peak, peak_flops_datasheet=sheet, results=results, failed=failed),
+                    indent=1))
     print(f"\n{shape}, batch {args.batch} x seq {args.seq}, {args.dtype}, {where}, torch "
           f"{torch.__version__}; {args.steps} timed steps after {args.warmup}, best of {args.rounds} rounds")
-    print(table(results, args, peak, sheet))
+    print(table(results, args, peak, sheet) if results else "no variant finished")
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

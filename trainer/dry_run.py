@@ -65,8 +65,12 @@ def dry_run(cfg, recipe: str, overrides: list[str], rank: int, world_size: int =
     nodes, tasks, _ = job_shape(cfg, stage)
     world_size = world_size or nodes * tasks
     scfg = cfg[stage]
-    mcfg = model_config_for(model_config_of(cfg), scfg.init)
-    starting_source(mcfg, scfg.init, scfg.seed)  # an HF folder's shards and shapes, a checkpoint's manifest
+    earlier = cfg.stages[:cfg.stages.index(stage)] if stage in cfg.stages else []
+    if scfg.init is not None and scfg.init in [cfg[s].output for s in earlier if s in TRAINING_STAGES]:
+        mcfg = model_config_of(cfg)  # an earlier stage of this recipe writes the init: the recipe's shape
+    else:
+        mcfg = model_config_for(model_config_of(cfg), scfg.init)
+        starting_source(mcfg, scfg.init, scfg.seed)  # an HF folder's shards and shapes, a checkpoint's manifest
     cfg = cfg.copy()
     cfg.model = OmegaConf.structured(mcfg)
     layout = Layout.plan(cfg.parallel, mcfg, scfg, world_size, rank)  # LayoutError before anything else
