@@ -1,6 +1,6 @@
 """Tokenization throughput: data.sharded.tokenize_sharded at 1, 2, ... worker processes.
 
-    python bench/tokenize.py [--workers 1,2] [--repeat 8] [--rounds 3] [--batch-chars 262144]
+    python bench/tokenize_speed.py [--workers 1,2] [--repeat 8] [--rounds 3] [--batch-chars 262144]
                              [--inputs data/corpus/shakespeare.jsonl] [--tokenizer mistral-v1]
 
 Each run tokenizes `--repeat` copies of the inputs (the shipped Shakespeare corpus by default: 15 plays,
@@ -16,9 +16,8 @@ inflate as much as the wall time. The output bytes are checked to be the same at
 import sys
 from pathlib import Path
 
-# this file's folder must not be on the path: its name would hide the standard library's tokenize
-HERE, ROOT = Path(__file__).resolve().parent, Path(__file__).resolve().parents[1]
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 import argparse  # noqa: E402
 import hashlib  # noqa: E402
