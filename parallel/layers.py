@@ -124,7 +124,12 @@ class VocabParallelEmbedding(nn.Module):
             else reduce_from_tp(partial, self.group)
 
 
-class TensorParallelExperts(Experts):
+class TensorParallelExpertWeights:
+    """The weights of a single-device experts class split over the tp ranks of `group`: each expert's
+    hidden size F, w1, w3 (E, D, F/tp) on dim 2 and w2 (E, F/tp, D) on dim 1. Listed before that class
+    (Experts or a subclass) so that this __init__ replaces the one that allocates the full weights, while
+    the subclass's forward wraps the single-device forward (super().forward) in the tp collectives."""
+
     def __init__(self, w1, w3, w2, group, sequence_parallel: bool = False):
         nn.Module.__init__(self)
         self.num_experts = w1.shape[0]
@@ -133,10 +138,12 @@ class TensorParallelExperts(Experts):
 
     @classmethod
     def from_experts(cls, experts: Experts, group, sequence_parallel: bool = False):
-        what = "TensorParallelExperts expert_dim"
+        what = f"{cls.__name__} expert_dim"
         return cls(shard_parameter(experts.w1, 2, group, what), shard_parameter(experts.w3, 2, group, what),
                    shard_parameter(experts.w2, 1, group, what), group, sequence_parallel)
 
+
+class TensorParallelExperts(TensorParallelExpertWeights, Experts):
     def forward(self, x, indices, weights):
         """x (N, D), indices/weights (N, k) -> (N, D); with sequence_parallel N counts this rank's
         tokens only, and the experts run on the tokens of the whole tp group."""

@@ -24,23 +24,11 @@ from torch import nn
 
 from model.mot import MixtureExperts
 
-from .layers import shard_parameter
+from .layers import TensorParallelExpertWeights
 from .mappings import all_gather_from_sp, copy_to_tp, reduce_from_tp, reduce_scatter_to_sp, split
 
 
-class TensorParallelMixtureExperts(MixtureExperts):
-    def __init__(self, w1, w3, w2, group, sequence_parallel: bool = False):
-        nn.Module.__init__(self)
-        self.num_experts = w1.shape[0]
-        self.w1, self.w3, self.w2 = w1, w3, w2
-        self.group, self.sequence_parallel = group, sequence_parallel
-
-    @classmethod
-    def from_experts(cls, experts: MixtureExperts, group, sequence_parallel: bool = False):
-        what = "TensorParallelMixtureExperts expert_dim"
-        return cls(shard_parameter(experts.w1, 2, group, what), shard_parameter(experts.w3, 2, group, what),
-                   shard_parameter(experts.w2, 1, group, what), group, sequence_parallel)
-
+class TensorParallelMixtureExperts(TensorParallelExpertWeights, MixtureExperts):
     def forward(self, mixed: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:
             partial = super().forward(all_gather_from_sp(mixed, self.group, 1))
