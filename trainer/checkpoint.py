@@ -353,7 +353,7 @@ def load_checkpoint(path, engine, load_optimizer: bool = True) -> dict:
         with torch.no_grad():
             p.copy_(master.to(p.dtype))
         safe_set_full_fp32_param(p, master)
-        if not load_optimizer:
+        if not load_optimizer or not p.requires_grad:  # a frozen parameter has no optimizer state
             continue
         for key in MOMENTS:
             if not reader.has(f"{key}/{name}"):

@@ -21,7 +21,7 @@ from parallel.cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_
 
 from . import distributed as D
 from .generation import answer_eval_for
-from .tasks import PretrainTask, accumulation_steps, eval_batches, sum_over_dp, to_device
+from .tasks import PretrainTask, accumulation_steps, eval_batches, sum_over_dp, to_device, token_loss_log
 
 
 def rows_of(packed, indices) -> dict:
@@ -61,6 +61,9 @@ class SFTTask(PretrainTask):
 
     def next_batch(self):
         return to_device(rows_of(self.rows, [self.order(g) for g in self.schedule.next_rows()]))
+
+    def reduce_metrics(self, sums, layout) -> dict:
+        return token_loss_log(sums, layout)
 
     def evaluate(self, engine, layout) -> dict:
         engine.eval()

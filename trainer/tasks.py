@@ -75,6 +75,13 @@ def router_log(sums: dict, layout) -> dict:
             "router_entropy": (entropy / routed).tolist()}
 
 
+def token_loss_log(sums: dict, layout) -> dict:
+    """A step's metrics of a next-token loss over all data-parallel ranks: loss (the mean over the step's
+    loss tokens, from the micro-batches' loss_sum and tokens) and router_log's router metrics."""
+    loss_sum, tokens = sum_over_dp([sums["loss_sum"], sums["tokens"]], layout)
+    return {"loss": loss_sum / tokens, **router_log(sums, layout)}
+
+
 def accumulation_steps(scfg, layout) -> int:
     return scfg.global_batch_size // (scfg.micro_batch_size * layout.dp)
 
@@ -106,8 +113,6 @@ class PretrainTask:
     mixture's held-out loss (the sources' losses on the first rows of their held-out streams, weighted
     by the mixture's shares), with eval/loss/<source> for each source of a mixture."""
 
-    data_metrics = staticmethod(dict)  # step metrics of the data; SFT reuses this loss without a mixture
-
     def __init__(self, scfg, model_cfg, layout):
         self.scfg, self.model_cfg, self.layout = scfg, model_cfg, layout
         sources = parse_mixture(pretrain_data(scfg), "data")
@@ -127,7 +132,6 @@ class PretrainTask:
         self.stream = MixtureStream(train, [s.weight for s in sources], self.names, scfg.micro_batch_size,
                                     dp_rank=layout.dp_rank, dp_size=layout.dp,
                                     accumulation=accumulation_steps(scfg, layout))
-        self.data_metrics = self.stream.epochs  # epochs/<source>: how often each source has been seen
         if D.is_main():
             for line in self.stream.describe(scfg.steps * scfg.global_batch_size):
                 print(f"[data] {line}", flush=True)
@@ -145,8 +149,8 @@ class PretrainTask:
                                       **router_sums}
 
     def reduce_metrics(self, sums, layout) -> dict:
-        loss_sum, tokens = sum_over_dp([sums["loss_sum"], sums["tokens"]], layout)
-        return {"loss": loss_sum / tokens, **router_log(sums, layout), **self.data_metrics()}
+        """token_loss_log's metrics, and epochs/<source>: how often each source has been seen."""
+        return {**token_loss_log(sums, layout), **self.stream.epochs()}
 
     def evaluate(self, engine, layout) -> dict:
         if not self.valid:

@@ -42,7 +42,8 @@ from model.loss import fused_linear_cross_entropy
 from parallel.cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_top1
 
 from . import distributed as D
-from .tasks import PretrainTask, accumulation_steps, eval_batches, router_loss, sum_over_dp, to_device
+from .tasks import (PretrainTask, accumulation_steps, eval_batches, router_loss, sum_over_dp, to_device,
+                    token_loss_log)
 
 PARTS = ("vision", "projector", "decoder")
 
@@ -229,6 +230,15 @@ def multimodal_logits_or_loss(engine, batch, layout):
     return loss, stats, hits
 
 
+def zero_through_image_side(model):
+    """0 x the encoder's and projector's trained parameters, added to the loss: a micro-batch without
+    images still gives them a (zero) gradient. DeepSpeed reduces over data parallelism the gradients
+    that exist, so a rank whose micro-batch holds no image would otherwise join reductions of other
+    sizes than the other ranks (a failed or hung collective)."""
+    return 0.0 * sum(p.sum() for part in (model.vision, model.projector) for p in part.parameters()
+                     if p.requires_grad)
+
+
 class VisionSFTTask(PretrainTask):
     def __init__(self, scfg, mm_cfg, layout):
         self.scfg, self.model_cfg, self.layout = scfg, mm_cfg.text, layout
@@ -262,8 +272,11 @@ class VisionSFTTask(PretrainTask):
     def loss(self, engine, batch, scale):
         ce_sum, stats, _ = multimodal_logits_or_loss(engine, batch, self.layout)
         aux, router_sums = router_loss(stats, self.model_cfg, self.layout)
-        return ce_sum * scale + aux, {"loss_sum": ce_sum.item(), "tokens": self.num_loss_tokens(batch),
-                                      **router_sums}
+        loss = ce_sum * scale + aux + zero_through_image_side(engine.module)
+        return loss, {"loss_sum": ce_sum.item(), "tokens": self.num_loss_tokens(batch), **router_sums}
+
+    def reduce_metrics(self, sums, layout) -> dict:
+        return token_loss_log(sums, layout)
 
     def evaluate(self, engine, layout) -> dict:
         if not len(self.valid.tokens):
@@ -292,21 +305,6 @@ class VisionSFTTask(PretrainTask):
     def load_state_dict(self, state):
         self.schedule.load_state_dict(state, f"vision_sft data {self.scfg.data} (seq_len {self.scfg.seq_len})",
                                       rows=len(self.rows.tokens), seed=self.scfg.seed)
-
-
-class MultimodalSource:
-    """Starting boxes for Multimodal's names: decoder.* from the text source (under the decoder's own
-    names), vision.* and projector.* from an in-memory state dict (fresh or imported)."""
-
-    def __init__(self, text_source, image_side: dict):
-        from model.init import StateDictSource
-
-        self.text, self.image_side = text_source, StateDictSource(image_side)
-
-    def read(self, name: str, full_shape, offsets, shape) -> torch.Tensor:
-        if name.startswith("decoder."):
-            return self.text.read(name[len("decoder."):], full_shape, offsets, shape)
-        return self.image_side.read(name, full_shape, offsets, shape)
 
 
 def image_side_state(mm_cfg, vision_init, seed: int) -> dict:
@@ -367,14 +365,13 @@ def run_vision_sft(cfg) -> bool:
     from omegaconf import OmegaConf
 
     from model.hf_vision import export_multimodal_hf
+    from model.init import PrefixedSource, StateDictSource
     from model.multimodal import Multimodal
     from parallel.layout import Layout
-    from parallel.materialize import materialize
-    from parallel.parallelize import parallelize
 
     from .checkpoint import CheckpointReader, CheckpointSource, latest_checkpoint
     from .config import save_config
-    from .engine import build_engine, starting_source
+    from .engine import build_engine, build_wrapped_model, starting_source
     from .loop import train
 
     scfg = cfg.vision_sft
@@ -385,12 +382,11 @@ def run_vision_sft(cfg) -> bool:
     layout = Layout.build(cfg.parallel, text, scfg, D.world_size(), D.rank())
     task = VisionSFTTask(scfg, mm_cfg, layout)  # the data is read and checked before the model is built
     resume = latest_checkpoint(out / "checkpoints")
-    source = CheckpointSource(resume) if resume else MultimodalSource(
-        starting_source(text, scfg.init, scfg.seed), image_side_state(mm_cfg, scfg.vision_init, scfg.seed))
-    with torch.device("meta"):
-        model = Multimodal(mm_cfg)
-    parallelize(model.decoder, layout, cfg.parallel)
-    materialize(model, source, D.device(), torch.bfloat16 if scfg.dtype == "bf16" else torch.float32)
+    source = CheckpointSource(resume) if resume else PrefixedSource(  # vision.* and projector.*: in memory
+        "decoder.", starting_source(text, scfg.init, scfg.seed),
+        StateDictSource(image_side_state(mm_cfg, scfg.vision_init, scfg.seed)))
+    model = build_wrapped_model(lambda: Multimodal(mm_cfg), source, layout, cfg.parallel,
+                                torch.bfloat16 if scfg.dtype == "bf16" else torch.float32)
     for part in scfg.freeze:
         getattr(model, part).requires_grad_(False)
     engine = build_engine(model, scfg, cfg.parallel, layout)
