@@ -5,19 +5,22 @@ Mining (once, at the stage's start; kept in <output>/candidates.npz, so a resume
 model (`init`: a select run, one of its checkpoints, or its HF export) embeds the corpus, the mined train
 theorems (all, or a seeded sample of mine_theorems) and the held-out ones (the last eval_queries, 0: all),
 each cut to select_seq_len tokens as SELECT saw them. Each theorem ranks the premises stated before it by
-cosine. A train theorem keeps its top mine_k, its ground truth removed, as hard negatives; a held-out
-theorem keeps its top rerank_k and SELECT's rank of each of its ground-truth premises over the whole
-ranking (re-ranking the top K leaves every rank below K as it was).
+cosine. A train theorem keeps its top mine_k: the cited premises in it are the positives, the others
+hard negatives. Re-ranking sorts SELECT's top list, so training sees the premises it will sort: cited
+premises that SELECT ranks far down would teach the head to demote the popular premises SELECT lists
+first. A held-out theorem keeps its top rerank_k and SELECT's rank of each of its ground-truth premises
+over the whole ranking (re-ranking the top K leaves every rank below K as it was).
 
 Rows: the theorem's tokens then the premise's, each as the tokenizer encodes it (so <s> separates them);
 the premise is cut to seq_len // 2 tokens, the theorem to what is left. The score is the head's logit on
 the last token.
 
-Micro-batch: B (mined theorem, cited premise) pairs in the SFT/DPO grouping (data.stream.StepSchedule),
-each followed by `negatives` rows drawn with replacement from its theorem's hard negatives with
-default_rng([seed, g]), g the pair's place in the run (the same draw at any layout and on a resume; none
-when SELECT's top mine_k held only ground truth). Loss: BCE with logits, label 1 on pairs and 0 on negatives, the mean over every row of
-the step (all micro-batches and ranks), plus the MoE load-balancing loss.
+Micro-batch: B (mined theorem, listed cited premise) pairs in the SFT/DPO grouping
+(data.stream.StepSchedule), each followed by `negatives` rows drawn with replacement from its theorem's
+hard negatives with default_rng([seed, g]), g the pair's place in the run (the same draw at any layout and
+on a resume; none when SELECT's top mine_k held only ground truth). Loss: BCE with logits, label 1 on
+pairs and 0 on negatives, the mean over every row of the step (all micro-batches and ranks), plus the MoE
+load-balancing loss.
 
 Evaluation (every eval_every steps and at the end): each held-out theorem's top rerank_k rows scored by
 the cross-encoder (each data-parallel rank a share) and sorted by score; recall@{1,8,32,256} and MRR of
@@ -33,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data.readers import DataError
 from data.stream import EpochShuffle, StepSchedule
 
 from . import distributed as D
@@ -89,9 +93,8 @@ def mine(select_model, data: PremiseData, scfg, layout) -> dict:
         available = available_counts(data.orders, [records[i].order for i in picked])
         relevant = padded([[data.index[p] for p in records[i].premises] for i in picked])
         top, ranks = rank_by_cosine(queries, corpus, available, k, relevant if split == "valid" else None)
-        if split == "train":  # hard negatives: the top k without the theorem's ground truth
-            out["train_negatives"] = padded([[c for c in row if c >= 0 and c not in set(rel)]
-                                             for row, rel in zip(top.tolist(), relevant.tolist())])
+        if split == "train":
+            out["train_top"] = top
         else:
             out.update(valid_top=top, valid_relevant=relevant, valid_select_ranks=ranks)
     return out
@@ -125,8 +128,15 @@ def rerank_ranks(top: np.ndarray, scores: np.ndarray, relevant: np.ndarray, sele
 class RerankTask:
     def __init__(self, scfg, model_cfg, layout, data: PremiseData, mined: dict):
         self.scfg, self.model_cfg, self.layout, self.data, self.mined = scfg, model_cfg, layout, data, mined
-        self.pairs = np.array([(m, data.index[p]) for m, t in enumerate(mined["train_theorems"])
-                               for p in data.train[t].premises]).reshape(-1, 2)
+        self.pairs, self.negatives = [], []
+        for m, (t, top) in enumerate(zip(mined["train_theorems"], mined["train_top"])):
+            cited = {data.index[p] for p in data.train[t].premises}
+            self.pairs += [(m, c) for c in top if c in cited]
+            self.negatives.append([c for c in top if c >= 0 and c not in cited])
+        self.pairs = np.array(self.pairs, dtype=np.int64).reshape(-1, 2)
+        if not len(self.pairs):
+            raise DataError(f"{scfg.output}/candidates.npz: SELECT's top {scfg.mine_k} of the mined train "
+                            "theorems holds none of their cited premises: nothing to train on (raise rerank.mine_k)")
         self.order = EpochShuffle(len(self.pairs), scfg.seed)
         self.schedule = StepSchedule(scfg.micro_batch_size, layout.dp_rank, layout.dp,
                                      accumulation_steps(scfg, layout))
@@ -143,8 +153,7 @@ class RerankTask:
         for g in self.schedule.next_rows():
             m, p = self.pairs[self.order(g)]
             theorem = self.data.train_rows[self.mined["train_theorems"][m]]
-            pool = self.mined["train_negatives"][m]
-            pool = pool[pool >= 0]
+            pool = self.negatives[m]
             rng = np.random.default_rng([self.scfg.seed, g])  # the g-th pair of the run draws alike at any layout
             drawn = rng.choice(pool, self.scfg.negatives) if len(pool) else []
             rows += [self.row(theorem, p)] + [self.row(theorem, n) for n in drawn]
