@@ -12,8 +12,9 @@ the activations; on an H200 `--set num_layers=3` fits too (103 GiB). A case's --
 so `--set attention=sdpa` adds to them.
 
 Both sides train the same config (model.hf.hf_config), the same weights (ours -> model.hf.to_hf ->
-transformers' fused expert layout), the same random batch, in the same dtype, with torch AdamW
-(lr 1e-4, weight decay 0.1, no clipping) for warmup + steps optimizer steps; warm-up steps are not timed.
+transformers' fused expert layout), the same random batch, in the same dtype, with torch's fused AdamW
+(transformers' Trainer default, `adamw_torch_fused`, and the trainer's: trainer/engine.py; lr 1e-4,
+weight decay 0.1, no clipping) for warmup + steps optimizer steps; warm-up steps are not timed.
 - transformers: `model(input_ids, position_ids, labels=input_ids)` with output_router_logits=True, so its loss is the
   shifted cross entropy + router_aux_loss_coef * load-balancing loss, like ours.
 - ours, as trainer/tasks.PretrainTask computes it (position_ids given: one document per row, so
@@ -217,7 +218,7 @@ def run_worker(args) -> dict:
         model = engine.module
     else:
         model.to(device=device, dtype=dtype)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
     model.train()
 
     positions = torch.arange(args.seq, device=device).expand(args.batch, args.seq)  # as the trainer passes
