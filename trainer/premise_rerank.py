@@ -1,15 +1,16 @@
 """RERANK, Magnushammer's second stage: a cross-encoder (model/reranker.py) on the SELECT backbone, trained
 by the one loop (a Task) with binary cross-entropy on cited premises and SELECT's hard negatives.
 
-Mining (once, at the stage's start; kept in <output>/candidates.npz, so a resume reuses it): the SELECT
-model (`init`: a select run, one of its checkpoints, or its HF export) embeds the corpus, the mined train
-theorems (all, or a seeded sample of mine_theorems) and the held-out ones (the last eval_queries, 0: all),
-each cut to select_seq_len tokens as SELECT saw them. Each theorem ranks the premises stated before it by
-cosine. A train theorem keeps its top mine_k: the cited premises in it are the positives, the others
-hard negatives. Re-ranking sorts SELECT's top list, so training sees the premises it will sort: cited
-premises that SELECT ranks far down would teach the head to demote the popular premises SELECT lists
-first. A held-out theorem keeps its top rerank_k and SELECT's rank of each of its ground-truth premises
-over the whole ranking (re-ranking the top K leaves every rank below K as it was).
+Mining (once, at the stage's start; kept in <output>/candidates.npz with the settings it depends on, so
+a resume reuses it): the SELECT model (`init`: a select run, one of its checkpoints, or its HF export)
+embeds the corpus, the mined train theorems (all, or a seeded sample of mine_theorems) and the held-out
+ones (the last eval_queries, 0: all), each cut to select_seq_len tokens as SELECT saw them. Each theorem
+ranks the premises stated before it by cosine. A train theorem keeps its top mine_k: the cited premises
+in it are the positives, the others hard negatives. Re-ranking sorts SELECT's top list, so training sees
+the premises it will sort: cited premises that SELECT ranks far down would teach the head to demote the
+popular premises SELECT lists first. A held-out theorem keeps its top rerank_k and SELECT's rank of each
+of its ground-truth premises over the whole ranking (re-ranking the top K leaves every rank below K as it
+was).
 
 Rows: the theorem's tokens then the premise's, each as the tokenizer encodes it (so <s> separates them);
 the premise is cut to seq_len // 2 tokens, the theorem to what is left. The score is the head's logit on
@@ -91,22 +92,35 @@ def mine(select_model, data: PremiseData, scfg, layout) -> dict:
                                             ("valid", data.valid_rows, data.valid, valid, scfg.rerank_k)):
         queries = embed_all(select_model, [rows[i][:cut] for i in picked], scfg.eval_batch_size, layout)
         available = available_counts(data.orders, [records[i].order for i in picked])
-        relevant = padded([[data.index[p] for p in records[i].premises] for i in picked])
-        top, ranks = rank_by_cosine(queries, corpus, available, k, relevant if split == "valid" else None)
         if split == "train":
-            out["train_top"] = top
+            out["train_top"], _ = rank_by_cosine(queries, corpus, available, k)
         else:
+            relevant = padded([[data.index[p] for p in records[i].premises] for i in picked])
+            top, ranks = rank_by_cosine(queries, corpus, available, k, relevant)
             out.update(valid_top=top, valid_relevant=relevant, valid_select_ranks=ranks)
     return out
 
 
+def mining_settings(scfg) -> str:
+    """What candidates.npz depends on: a file mined with other settings is mined again."""
+    keys = ("init", "data", "select_seq_len", "mine_k", "mine_theorems", "rerank_k", "eval_queries", "seed")
+    return json.dumps({k: scfg[k] for k in keys}, sort_keys=True)
+
+
+def mined_with(path: Path):
+    if not path.is_file():
+        return None
+    with np.load(path) as f:
+        return str(f["settings"]) if "settings" in f.files else None
+
+
 def load_or_mine(scfg, data: PremiseData, mcfg, layout, pcfg) -> dict:
     path = Path(scfg.output) / "candidates.npz"
-    if not path.is_file():
+    if mined_with(path) != mining_settings(scfg):
         from .engine import build_model
 
         select_model = build_model(mcfg, scfg.init, scfg.seed, layout, pcfg).eval()
-        mined = mine(select_model, data, scfg, layout)
+        mined = dict(mine(select_model, data, scfg, layout), settings=np.array(mining_settings(scfg)))
         del select_model
         if D.is_main():
             path.parent.mkdir(parents=True, exist_ok=True)
