@@ -160,9 +160,17 @@ class Experts(nn.Module):
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.num_experts)
         token = order // indices.shape[1]
-        y = swiglu_experts(x[token], self.w1, self.w3, self.w2, counts)
-        y = y * weights.flatten()[order, None].to(y.dtype)
-        return torch.zeros_like(x).index_add_(0, token, y)
+        return unpermute(swiglu_experts(x[token], self.w1, self.w3, self.w2, counts), order, weights)
+
+
+def unpermute(y: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """y (N * k, D): the rows of the (token, choice) slots listed by `order` (expert order) -> (N, D) =
+    sum over each token's k choices of weight * row. The rows go back to slot order by a copy (a
+    permutation: no accumulation, deterministic; its backward is a gather), then each token sums its k
+    rows: no index_add_, whose scattered accumulation is serial on the CPU and atomic on GPUs."""
+    N, k = weights.shape
+    slots = y.new_empty(y.shape).index_copy(0, order, y)
+    return (slots.view(N, k, y.shape[-1]) * weights[..., None].to(y.dtype)).sum(1)
 
 
 @dataclass

@@ -15,7 +15,7 @@ Dropless dispatch (Mixtral semantics: every token reaches its k experts, no capa
      torch 2.13's gloo both take uneven and zero splits)
   4. regroup the received rows (ordered by source rank, then expert) by local expert, run the local
      experts as one grouped GEMM (model.moe.swiglu_experts), undo the regrouping
-  5. all-to-all back, weight each row and add it into its token
+  5. all-to-all back, rows back to (token, choice) order, each token the weighted sum of its k rows
 Autograd: the all-to-all's backward is the all-to-all with the splits swapped (Megatron's _AllToAll).
 
 Parameters keep their single-device names w1, w3 (E/ep, D, F), w2 (E/ep, F, D): rows
@@ -42,7 +42,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from model.moe import Experts, swiglu_experts
+from model.moe import Experts, swiglu_experts, unpermute
 
 from .deepspeed_internals import MoEMarker
 
@@ -106,8 +106,7 @@ class ExpertParallelExperts(ExpertLayer):
         y = self._experts(rows[by_expert], received.sum(0))[by_expert.argsort()]
         y = _AllToAll.apply(y, send_splits, recv_splits, self.group)
 
-        y = y * weights.flatten()[order, None].to(y.dtype)
-        return torch.zeros_like(x).index_add_(0, token, y)
+        return unpermute(y, order, weights)
 
     def _experts(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """The local experts on rows sorted by expert. A rank that receives no row still runs them on one
