@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from model import Mixtral, ModelConfig
 from model.hf import HFFolder, model_config_from_hf
-from model.init import RandomInit
+from model.init import PrefixedSource, RandomInit, StateDictSource
 from parallel.layout import Layout
 from parallel.materialize import materialize
 from parallel.parallelize import parallelize
@@ -76,14 +76,18 @@ def build_model(mcfg: ModelConfig, init, seed: int, layout: Layout, pcfg,
 
 
 
-def build_wrapped_model(make, source, layout: Layout, pcfg, dtype: torch.dtype = torch.float32):
+def build_wrapped_model(make, decoder_cfg: ModelConfig, scfg, own_parts, layout: Layout, pcfg):
     """build_model for a model that holds our decoder as `.decoder` next to parts of its own (model/
     multimodal.py, model/reranker.py): make() builds it on the meta device, the decoder is parallelized,
-    every parameter materialized from `source` (its names, decoder.* included)."""
+    every parameter materialized in the stage's dtype from the stage's latest checkpoint, or else the
+    decoder from `scfg.init` (starting_source) and the other parts from own_parts(), a state dict."""
+    resume = latest_checkpoint(Path(scfg.output) / "checkpoints")
+    source = CheckpointSource(resume) if resume else PrefixedSource(
+        "decoder.", starting_source(decoder_cfg, scfg.init, scfg.seed), StateDictSource(own_parts()))
     with torch.device("meta"):
         model = make()
     parallelize(model.decoder, layout, pcfg)
-    return materialize(model, source, device(), dtype)
+    return materialize(model, source, device(), torch.bfloat16 if scfg.dtype == "bf16" else torch.float32)
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:

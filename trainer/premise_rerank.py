@@ -255,13 +255,12 @@ def run_rerank(cfg) -> bool:
     from omegaconf import OmegaConf
 
     from data.tokenizer import load_tokenizer
-    from model.init import PrefixedSource, StateDictSource
     from model.reranker import Reranker, head_init
     from parallel.layout import Layout
 
-    from .checkpoint import CheckpointSource, latest_checkpoint
+    from .checkpoint import latest_checkpoint
     from .config import model_config_of, save_config
-    from .engine import build_engine, build_wrapped_model, model_config_for, starting_source
+    from .engine import build_engine, build_wrapped_model, model_config_for
     from .loop import train
 
     scfg = cfg.rerank
@@ -272,11 +271,8 @@ def run_rerank(cfg) -> bool:
     layout = Layout.build(cfg.parallel, mcfg, scfg, D.world_size(), D.rank())
     data = PremiseData(scfg.data, cfg.tokenizer, max(scfg.seq_len, scfg.select_seq_len))
     task = RerankTask(scfg, mcfg, layout, data, load_or_mine(scfg, data, mcfg, layout, cfg.parallel))
-    resume = latest_checkpoint(out / "checkpoints")
-    source = CheckpointSource(resume) if resume else PrefixedSource(
-        "decoder.", starting_source(mcfg, scfg.init, scfg.seed), StateDictSource(head_init(mcfg, scfg.seed)))
-    model = build_wrapped_model(lambda: Reranker(mcfg), source, layout, cfg.parallel,
-                                torch.bfloat16 if scfg.dtype == "bf16" else torch.float32)
+    model = build_wrapped_model(lambda: Reranker(mcfg), mcfg, scfg, lambda: head_init(mcfg, scfg.seed), layout,
+                                cfg.parallel)
     engine = build_engine(model, scfg, cfg.parallel, layout)
     if D.is_main():
         save_config(cfg, out / "config.yaml")

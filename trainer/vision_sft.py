@@ -365,13 +365,12 @@ def run_vision_sft(cfg) -> bool:
     from omegaconf import OmegaConf
 
     from model.hf_vision import export_multimodal_hf
-    from model.init import PrefixedSource, StateDictSource
     from model.multimodal import Multimodal
     from parallel.layout import Layout
 
-    from .checkpoint import CheckpointReader, CheckpointSource, latest_checkpoint
+    from .checkpoint import CheckpointReader, latest_checkpoint
     from .config import save_config
-    from .engine import build_engine, build_wrapped_model, starting_source
+    from .engine import build_engine, build_wrapped_model
     from .loop import train
 
     scfg = cfg.vision_sft
@@ -381,12 +380,8 @@ def run_vision_sft(cfg) -> bool:
     cfg.model = OmegaConf.structured(text)
     layout = Layout.build(cfg.parallel, text, scfg, D.world_size(), D.rank())
     task = VisionSFTTask(scfg, mm_cfg, layout)  # the data is read and checked before the model is built
-    resume = latest_checkpoint(out / "checkpoints")
-    source = CheckpointSource(resume) if resume else PrefixedSource(  # vision.* and projector.*: in memory
-        "decoder.", starting_source(text, scfg.init, scfg.seed),
-        StateDictSource(image_side_state(mm_cfg, scfg.vision_init, scfg.seed)))
-    model = build_wrapped_model(lambda: Multimodal(mm_cfg), source, layout, cfg.parallel,
-                                torch.bfloat16 if scfg.dtype == "bf16" else torch.float32)
+    model = build_wrapped_model(lambda: Multimodal(mm_cfg), text, scfg,
+                                lambda: image_side_state(mm_cfg, scfg.vision_init, scfg.seed), layout, cfg.parallel)
     for part in scfg.freeze:
         getattr(model, part).requires_grad_(False)
     engine = build_engine(model, scfg, cfg.parallel, layout)
