@@ -12,6 +12,24 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    """Under pytest-xdist each worker gets its share of the cores for in-process torch work, so two
+    workers do not oversubscribe them (subprocesses set their own OMP_NUM_THREADS)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that start a SLURM cluster on localhost run on one worker, one after another: the
+    clusters share the machine's slurmctld/slurmd ports (with --dist=loadgroup)."""
+    for item in items:
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+
+
 def run_cli(*args, nproc: int = 1, check: bool = True, timeout: int = 600, env=None):
     """`python -m trainer ...` (or under torchrun with nproc ranks) from the repository root."""
     launcher = [sys.executable, "-m", "trainer"] if nproc == 1 else [
