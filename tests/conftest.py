@@ -23,11 +23,12 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(items):
-    """Tests that start a SLURM cluster on localhost run on one worker, one after another: the
-    clusters share the machine's slurmctld/slurmd ports (with --dist=loadgroup)."""
+    """With --dist=loadgroup: a test file runs on one worker, so its module-scoped fixtures (reference
+    training runs) are computed once, and the tests that start a SLURM cluster on localhost run on one
+    worker, one after another (the clusters share the machine's slurmctld/slurmd ports)."""
     for item in items:
-        if item.get_closest_marker("slurm"):
-            item.add_marker(pytest.mark.xdist_group("slurm"))
+        group = "slurm" if item.get_closest_marker("slurm") else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def run_cli(*args, nproc: int = 1, check: bool = True, timeout: int = 600, env=None):
