@@ -10,9 +10,10 @@ the routed ones.
 
 Experts are stored stacked so one grouped GEMM serves all of them:
     w1, w3: (E, D, F)    w2: (E, F, D)      expert_e(x) = (silu(x w1[e]) * (x w3[e])) w2[e]
-`Experts.forward` sorts the (token, choice) pairs by expert, runs three grouped GEMMs and scatters
-the weighted results back. Parallel versions (expert parallelism) replace `Experts` with a module of
-the same interface; the router stays.
+`Experts.forward` sorts the (token, choice) pairs by expert, copies each token's row to its k places
+(gather_rows), runs three grouped GEMMs with the routing weight applied to the narrower of the hidden
+(F) and output (D) rows, and sums each token's k rows back (sum_rows). Parallel versions (expert
+parallelism) replace `Experts` with a module of the same interface; the router stays.
 """
 
 from dataclasses import dataclass
@@ -79,11 +80,67 @@ def _grouped_mm_backward(ctx, grad):
 grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
 
 
-def swiglu_experts(x: torch.Tensor, w1, w3, w2, counts: torch.Tensor) -> torch.Tensor:
-    """x (N, D) sorted by expert, counts (E,) rows per expert -> (N, D)."""
+def swiglu_experts(x: torch.Tensor, w1, w3, w2, counts: torch.Tensor, row_weights=None) -> torch.Tensor:
+    """x (N, D) sorted by expert, counts (E,) rows per expert -> (N, D), each row times its routing
+    weight (row_weights (N,), if given). The weight scales the hidden row when F <= D (fine-grained
+    experts) and the output row otherwise: the same product, one elementwise pass over the narrower."""
     offsets = counts.cumsum(0).to(torch.int32)
-    h = F.silu(grouped_mm(x, w1, offsets)) * grouped_mm(x, w3, offsets)
-    return grouped_mm(h, w2, offsets)
+    gate, up = grouped_mm(x, w1, offsets), grouped_mm(x, w3, offsets)
+    scale_hidden = row_weights is not None and w1.shape[-1] <= x.shape[-1]
+    if scale_hidden:
+        up = up * row_weights[:, None].to(up.dtype)
+    y = grouped_mm(F.silu(gate) * up, w2, offsets)
+    if row_weights is None or scale_hidden:
+        return y
+    return y * row_weights[:, None].to(y.dtype)
+
+
+class _GatherRows(torch.autograd.Function):
+    """x (N, D) -> (N k, D): row i is x[order[i] // k], the token of the i-th (token, choice) slot in
+    expert order. Its backward is sum_rows: a permutation and a sum, no scattered accumulation (serial on
+    the CPU, atomic adds on GPUs)."""
+
+    @staticmethod
+    def forward(ctx, x, order, k):
+        ctx.save_for_backward(order)
+        ctx.k = k
+        return x.index_select(0, order // k)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (order,) = ctx.saved_tensors
+        return _SumRows.apply(grad, order, ctx.k), None, None
+
+
+class _SumRows(torch.autograd.Function):
+    """y (N k, D) in expert order -> (N, D): the rows copied back to (token, choice) order (a permutation)
+    and each token's k rows summed. The adjoint of _GatherRows, which is its backward."""
+
+    @staticmethod
+    def forward(ctx, y, order, k):
+        ctx.save_for_backward(order)
+        ctx.k = k
+        slots = y.new_empty(y.shape).index_copy_(0, order, y)
+        return slots.view(-1, k, y.shape[-1]).sum(1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (order,) = ctx.saved_tensors
+        return _GatherRows.apply(grad, order, ctx.k), None, None
+
+
+def gather_rows(x: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
+    return _GatherRows.apply(x, order, k)
+
+
+def sum_rows(y: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
+    return _SumRows.apply(y, order, k)
+
+
+def sort_by_expert(indices: torch.Tensor, num_experts: int):
+    """indices (N, k) -> (order: the (token, choice) slots sorted by expert, stable; counts (E,))."""
+    flat = indices.flatten()
+    return flat.argsort(stable=True), torch.bincount(flat, minlength=num_experts)
 
 
 class Router(nn.Module):
@@ -156,21 +213,10 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (N, D), indices/weights (N, k) -> (N, D) = sum_k weights * expert_indices(x)."""
-        flat = indices.flatten()
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts)
-        token = order // indices.shape[1]
-        return unpermute(swiglu_experts(x[token], self.w1, self.w3, self.w2, counts), order, weights)
-
-
-def unpermute(y: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """y (N * k, D): the rows of the (token, choice) slots listed by `order` (expert order) -> (N, D) =
-    sum over each token's k choices of weight * row. The rows go back to slot order by a copy (a
-    permutation: no accumulation, deterministic; its backward is a gather), then each token sums its k
-    rows: no index_add_, whose scattered accumulation is serial on the CPU and atomic on GPUs."""
-    N, k = weights.shape
-    slots = y.new_empty(y.shape).index_copy(0, order, y)
-    return (slots.view(N, k, y.shape[-1]) * weights[..., None].to(y.dtype)).sum(1)
+        k = indices.shape[1]
+        order, counts = sort_by_expert(indices, self.num_experts)
+        rows = gather_rows(x, order, k)
+        return sum_rows(swiglu_experts(rows, self.w1, self.w3, self.w2, counts, weights.flatten()[order]), order, k)
 
 
 @dataclass

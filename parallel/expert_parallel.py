@@ -15,7 +15,8 @@ Dropless dispatch (Mixtral semantics: every token reaches its k experts, no capa
      torch 2.13's gloo both take uneven and zero splits)
   4. regroup the received rows (ordered by source rank, then expert) by local expert, run the local
      experts as one grouped GEMM (model.moe.swiglu_experts), undo the regrouping
-  5. all-to-all back, rows back to (token, choice) order, each token the weighted sum of its k rows
+  5. all-to-all back, rows back to (token, choice) order, each token the sum of its k rows (the routing
+     weights travel with the rows in step 3 and scale them in the experts, model.moe.swiglu_experts)
 Autograd: the all-to-all's backward is the all-to-all with the splits swapped (Megatron's _AllToAll).
 
 Parameters keep their single-device names w1, w3 (E/ep, D, F), w2 (E/ep, F, D): rows
@@ -42,7 +43,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from model.moe import Experts, swiglu_experts, unpermute
+from model.moe import Experts, gather_rows, sort_by_expert, sum_rows, swiglu_experts
 
 from .deepspeed_internals import MoEMarker
 
@@ -90,31 +91,29 @@ class ExpertParallelExperts(ExpertLayer):
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (N, D), indices/weights (N, k) -> (N, D) = sum_k weights * expert_indices(x). N may differ
         between ranks, and be 0."""
-        ep, local_experts = self.ep_size, self.num_local_experts
-        flat = indices.flatten()
-        order = flat.argsort(stable=True)
-        token = order // indices.shape[1]
-        counts = torch.bincount(flat, minlength=self.num_experts)
+        ep, local_experts, k = self.ep_size, self.num_local_experts, indices.shape[1]
+        order, counts = sort_by_expert(indices, self.num_experts)
         received = torch.empty_like(counts)
         dist.all_to_all_single(received, counts, group=self.group)
         received = received.view(ep, local_experts)  # rows from (source rank, local expert)
         send_splits, recv_splits = counts.view(ep, -1).sum(1).tolist(), received.sum(1).tolist()
 
-        rows = _AllToAll.apply(x[token], recv_splits, send_splits, self.group)
+        rows = _AllToAll.apply(gather_rows(x, order, k), recv_splits, send_splits, self.group)
+        row_weights = _AllToAll.apply(weights.flatten()[order, None], recv_splits, send_splits, self.group)
         expert = torch.arange(local_experts, device=x.device).repeat(ep).repeat_interleave(received.flatten())
         by_expert = expert.argsort(stable=True)
-        y = self._experts(rows[by_expert], received.sum(0))[by_expert.argsort()]
+        y = self._experts(rows[by_expert], received.sum(0), row_weights[by_expert, 0])[by_expert.argsort()]
         y = _AllToAll.apply(y, send_splits, recv_splits, self.group)
+        return sum_rows(y, order, k)
 
-        return unpermute(y, order, weights)
-
-    def _experts(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def _experts(self, rows: torch.Tensor, counts: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
         """The local experts on rows sorted by expert. A rank that receives no row still runs them on one
         zero row appended to its (empty) input: output and gradients stay zero. torch 2.13's _grouped_mm
         backward rejects an empty input, and the graph must still reach every parameter (ZeRO's gradient
-        hooks are collectives) and the first all-to-all (its backward is one)."""
+        hooks are collectives) and both first all-to-alls (their backwards are collectives too)."""
         if rows.shape[0]:
-            return swiglu_experts(rows, self.w1, self.w3, self.w2, counts)
+            return swiglu_experts(rows, self.w1, self.w3, self.w2, counts, row_weights)
         one = counts.clone()
         one[-1] = 1
-        return swiglu_experts(F.pad(rows, (0, 0, 0, 1)), self.w1, self.w3, self.w2, one)[:0]
+        return swiglu_experts(F.pad(rows, (0, 0, 0, 1)), self.w1, self.w3, self.w2, one,
+                              F.pad(row_weights, (0, 1)))[:0]
