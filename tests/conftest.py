@@ -23,12 +23,11 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(items):
-    """With --dist=loadgroup: a test file runs on one worker, so its module-scoped fixtures (reference
-    training runs) are computed once, and the tests that start a SLURM cluster on localhost run on one
-    worker, one after another (the clusters share the machine's slurmctld/slurmd ports)."""
+    """With --dist=loadgroup: the tests that start a SLURM cluster on localhost run on one worker, one
+    after another (one cluster at a time on the machine); the others are dealt out test by test."""
     for item in items:
-        group = "slurm" if item.get_closest_marker("slurm") else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
 
 
 def run_cli(*args, nproc: int = 1, check: bool = True, timeout: int = 600, env=None):
