@@ -215,8 +215,9 @@ class Experts(nn.Module):
         """x (N, D), indices/weights (N, k) -> (N, D) = sum_k weights * expert_indices(x)."""
         k = indices.shape[1]
         order, counts = sort_by_expert(indices, self.num_experts)
-        rows = gather_rows(x, order, k)
-        return sum_rows(swiglu_experts(rows, self.w1, self.w3, self.w2, counts, weights.flatten()[order]), order, k)
+        rows = swiglu_experts(gather_rows(x, order, k), self.w1, self.w3, self.w2, counts,
+                              weights.flatten()[order])
+        return sum_rows(rows, order, k)
 
 
 @dataclass

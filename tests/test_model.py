@@ -118,7 +118,7 @@ def test_router_weights_are_softmax_over_selected_logits():
     assert torch.allclose(weights, expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("dim,expert_dim", [(64, 128), (64, 32), (20, 10)],  # routing weight on output / hidden rows
+@pytest.mark.parametrize("dim,expert_dim", [(64, 128), (64, 32), (20, 10)],  # weight on output / hidden rows
                          ids=["grouped_mm", "grouped_mm-fine", "unaligned-loop"])
 def test_moe_equals_transformers_sparse_moe_block(dim, expert_dim):
     torch.manual_seed(0)
