@@ -62,12 +62,11 @@ def sequence_logps(model, batch, layout):
 
 def build_reference(scfg, cfg, model_cfg, layout):
     """The frozen reference: the stage's starting weights, parallelized like the policy."""
-    from .engine import build_model
+    from .engine import build_model, torch_dtype
 
     model = build_model(model_cfg, scfg.init, scfg.seed, layout,
                         OmegaConf.merge(cfg.parallel, {"activation_checkpointing": "none"})).requires_grad_(False)
-    dtype = torch.bfloat16 if scfg.dtype == "bf16" else torch.float32
-    return model.to(D.device(), dtype).eval()
+    return model.to(D.device(), torch_dtype(scfg.dtype)).eval()
 
 
 class DPOTask:

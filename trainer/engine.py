@@ -24,6 +24,11 @@ from .distributed import device
 from .tasks import accumulation_steps
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """A stage's dtype setting ("bf16" or "fp32") as a torch dtype."""
+    return torch.bfloat16 if name == "bf16" else torch.float32
+
+
 def starting_point(init):
     """'hf' for an HF Mixtral folder, 'checkpoint' for one of ours (a run folder or a step), or None."""
     if init is None:
@@ -87,7 +92,7 @@ def build_wrapped_model(make, decoder_cfg: ModelConfig, scfg, own_parts, layout:
     with torch.device("meta"):
         model = make()
     parallelize(model.decoder, layout, pcfg)
-    return materialize(model, source, device(), torch.bfloat16 if scfg.dtype == "bf16" else torch.float32)
+    return materialize(model, source, device(), torch_dtype(scfg.dtype))
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:

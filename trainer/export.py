@@ -20,6 +20,7 @@ from model import ModelConfig
 from model.hf import export_hf
 
 from .checkpoint import CheckpointError, CheckpointSource, latest_checkpoint
+from .engine import torch_dtype
 
 
 def resolve_checkpoint(path) -> Path:
@@ -44,8 +45,6 @@ def read_model(path):
 
 def export_checkpoint(checkpoint, out_dir, tokenizer=None, dtype="bf16", max_shard_size="2GB",
                       sample_prompt=None) -> Path:
-    import torch
-
     from data.tokenizer import load_tokenizer
 
     mcfg, source, cfg = read_model(checkpoint)
@@ -54,7 +53,7 @@ def export_checkpoint(checkpoint, out_dir, tokenizer=None, dtype="bf16", max_sha
                               "output of the transition stage (trainer/transition.py)")
     tok = load_tokenizer(tokenizer or cfg.tokenizer)
     export_hf(source, mcfg, out_dir, tokenizer=tok, max_shard_size=max_shard_size,
-              dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+              dtype=torch_dtype(dtype))
     ckpt = resolve_checkpoint(checkpoint)
     print(f"[export] {ckpt} -> {out_dir}", flush=True)
     if sample_prompt:

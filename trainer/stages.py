@@ -10,7 +10,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import distributed as D
@@ -99,7 +98,7 @@ def run_training(stage: str, cfg: DictConfig) -> bool:
     from parallel.layout import Layout
 
     from .checkpoint import latest_checkpoint
-    from .engine import build_engine, build_model, model_config_for
+    from .engine import build_engine, build_model, model_config_for, torch_dtype
     from .loop import train
 
     scfg = cfg[stage]
@@ -109,11 +108,10 @@ def run_training(stage: str, cfg: DictConfig) -> bool:
     cfg.model = OmegaConf.structured(mcfg)  # the shape actually trained (an HF init may set it)
     layout = Layout.build(cfg.parallel, mcfg, scfg, D.world_size(), D.rank())
     task = make_task(stage, scfg, cfg, mcfg, layout)  # its data is opened and checked before the model
-    resuming = latest_checkpoint(out / "checkpoints") is not None
+    resume = latest_checkpoint(out / "checkpoints")
     # a resumed run materializes from its own checkpoint directly (no random init first)
-    init = str(latest_checkpoint(out / "checkpoints")) if resuming else scfg.init
-    model = build_model(mcfg, init, scfg.seed, layout, cfg.parallel,
-                        torch.bfloat16 if scfg.dtype == "bf16" else torch.float32)
+    init = str(resume) if resume is not None else scfg.init
+    model = build_model(mcfg, init, scfg.seed, layout, cfg.parallel, torch_dtype(scfg.dtype))
     engine = build_engine(model, scfg, cfg.parallel, layout)
     if D.is_main():
         out.mkdir(parents=True, exist_ok=True)
