@@ -52,7 +52,8 @@ def activation_bytes_per_token(cfg: ModelConfig, tp: int = 1, sp: bool = False, 
                fp32 logsumexp per head                                              heads / tp
     mask       sdpa with position_ids: the (B, 1, T, T) boolean document mask and the pieces it
                is built from, 4 T bytes per token (flash attention needs none)
-    experts    top_k x (gathered input, w1 out, silu, w3 out, product, w2 out)  x 1/tp with sp,
+    experts    top_k x (gathered input, w1|w3 out, product; w2 out when the routing weight scales
+               the output rows, hidden > dim)                                   x 1/tp with sp,
                hidden size / tp with expert_tp
     """
     b = 2 if dtype == "bf16" else 4
@@ -64,7 +65,7 @@ def activation_bytes_per_token(cfg: ModelConfig, tp: int = 1, sp: bool = False, 
     router = 4 * 4 * cfg.num_experts + 8 * 3 * k
     attention = (5 * q + 4 * kv) * b + 4 * cfg.num_heads / tp
     mask = 4 * seq_len if document_mask else 0
-    experts = (2 * k * D + 4 * k * F) * b
+    experts = k * (D + 3 * F + (D if F > D else 0)) * b
     return (norms + router + experts) * rep + attention + mask
 
 
