@@ -137,6 +137,8 @@ def build_engine(model: Mixtral, scfg: DictConfig, pcfg: DictConfig, layout: Lay
     import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
+    from parallel.deepspeed_internals import skip_gradient_allreduce
+
     groups = split_params_into_different_moe_groups_for_optimizer(
         param_groups(model, scfg.weight_decay))
     # fused: one kernel over all tensors (torch's default on the CPU is a loop over them: 87 M fp32
@@ -150,6 +152,8 @@ def build_engine(model: Mixtral, scfg: DictConfig, pcfg: DictConfig, layout: Lay
         config=deepspeed_config(scfg, layout, pcfg.zero_stage))
     if engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
         keep_fp32_grad_norm(engine)
+        if layout.dp == 1:
+            skip_gradient_allreduce(engine)
     return engine
 
 
