@@ -2,7 +2,7 @@
 
     python bench/moe_layer.py [--tokens 4096 --dim 256 --expert-dim 512 --experts 8 --top-k 2
         --granularity 1,2,4,8 --steps 3 --warmup 1 --threads 1 --dtype fp32|bf16 --device cpu|cuda
-        --variants ours,hf-eager,... --json PATH]
+        --variants ours,hf-eager,... --json PATH --keep-freed-memory]
 
 Granularity G (fine-grained MoE): G x experts experts of hidden expert-dim / G, top G x top-k: the same
 FLOPs per token at every G. Variants, all on one device with the same router weights and tokens:
@@ -20,10 +20,14 @@ machine the least disturbed; the variants take turns), one process, --threads CP
 OpenMP threads on an oversubscribed machine made single steps up to 100x slower).
 Peak memory above the weights and inputs of one forward + backward: CUDA max_memory_allocated, CPU peak
 RSS (VmHWM, reset before the step; bench/train_throughput.py's helpers). Weights are built on the device.
---json writes the table's rows as a JSON list.
+--json writes the table's rows as a JSON list. --keep-freed-memory (CPU): glibc keeps freed blocks for
+reuse (mallopt M_MMAP_MAX 0), as CUDA's caching allocator does; by default it returns every block over
+32 MiB to the OS and page-faults it back on the next allocation, a cost that grows with the (N k, D) rows
+of fine granularity and that GPUs do not have.
 """
 
 import argparse
+import ctypes
 import json
 import os
 import sys
@@ -42,6 +46,7 @@ from bench.train_throughput import _status_kib, peak_bytes, release_and_reset_pe
 from model.moe import MoE  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters
 VARIANTS = ("ours", "hf-eager", "hf-grouped_mm", "deepspeed-moe", "ours+deepspeed-moe")
 
 
@@ -147,8 +152,13 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--json", help="write the rows here as JSON")
+    ap.add_argument("--keep-freed-memory", action="store_true", help="CPU: no mmap'd blocks (see above)")
     args = ap.parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if args.keep_freed_memory and device.type == "cpu":
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_MAX, 0)
+        libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)
     torch.set_num_threads(args.threads)
     layout = single_rank_layout()
     variants = args.variants.split(",")
