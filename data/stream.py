@@ -93,6 +93,31 @@ class EpochShuffle:
         return int(self._order[1][k])
 
 
+class ShuffledItems:
+    """A fixed list of n items (packed SFT rows, DPO pairs, premise pairs) read in StepSchedule's
+    grouping, each epoch in EpochShuffle's order: the same items in the same micro-batches at every
+    layout, resumable exactly while n and the seed stay. `unit` names n in the saved state."""
+
+    def __init__(self, n: int, seed: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+                 accumulation: int, what: str, unit: str = "rows"):
+        self.order = EpochShuffle(n, seed)
+        self.schedule = StepSchedule(micro_batch_size, dp_rank, dp_size, accumulation)
+        self.what, self.identity = what, {unit: n, "seed": seed}
+
+    def next_rows(self) -> list[tuple[int, int]]:
+        """(global row g, item index) of this rank's next micro-batch."""
+        return [(g, self.order(g)) for g in self.schedule.next_rows()]
+
+    def next_items(self) -> list[int]:
+        return [item for _, item in self.next_rows()]
+
+    def state_dict(self) -> dict:
+        return self.schedule.state_dict(**self.identity)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.schedule.load_state_dict(state, self.what, **self.identity)
+
+
 def split_documents(num_documents: int, valid_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(training, held-out) document indices: round(valid_fraction * n) documents (at least one when the
     fraction is > 0) drawn with default_rng([seed, n]), whole documents so no held-out text is trained on."""

@@ -29,13 +29,12 @@ from safetensors.torch import save_file
 from data.chat import IGNORE_INDEX, instruct_tokenizer
 from data.preference import collate_pairs, load_pairs, truncate_pairs
 from data.readers import DataError
-from data.stream import EpochShuffle, StepSchedule
 from parallel.cross_entropy import vocab_parallel_log_probs
 
 from . import distributed as D
 from .dpo_loss import dpo_loss, sequence_log_probs
 from .generation import answer_eval_for
-from .tasks import accumulation_steps, eval_batches, router_log, router_loss, sum_over_dp, to_device
+from .tasks import eval_batches, router_log, router_loss, shuffled_items, sum_over_dp, to_device
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin")
 
@@ -77,9 +76,7 @@ class DPOTask:
         if not pairs:
             raise DataError(f"{scfg.data}: no preference pair to train on")
         self.pairs, cut = truncate_pairs(pairs, scfg.seq_len, min(64, scfg.seq_len))
-        self.order = EpochShuffle(len(self.pairs), scfg.seed)
-        self.schedule = StepSchedule(scfg.micro_batch_size, layout.dp_rank, layout.dp,
-                                     accumulation_steps(scfg, layout))
+        self.items = shuffled_items(len(self.pairs), scfg, layout, f"dpo data {scfg.data}", "pairs")
         self.answer_eval = answer_eval_for(scfg, tokenizer)
         self.reference, self.reference_logps = None, None
         if scfg.reference == "copy":
@@ -140,7 +137,7 @@ class DPOTask:
         return to_device(batch)
 
     def next_batch(self):
-        return self._batch([self.order(g) for g in self.schedule.next_rows()])
+        return self._batch(self.items.next_items())
 
     def num_loss_tokens(self, batch) -> int:
         return len(batch["pair_index"])  # the loss is a mean over pairs
@@ -187,8 +184,7 @@ class DPOTask:
         return {**{f"eval/{k}": v / totals[-1] for k, v in zip(METRICS, totals)}, **answers}
 
     def state_dict(self):
-        return self.schedule.state_dict(pairs=len(self.pairs), seed=self.scfg.seed)
+        return self.items.state_dict()
 
     def load_state_dict(self, state):
-        self.schedule.load_state_dict(state, f"dpo data {self.scfg.data}", pairs=len(self.pairs),
-                                      seed=self.scfg.seed)
+        self.items.load_state_dict(state)

@@ -38,13 +38,12 @@ import torch
 import torch.nn.functional as F
 
 from data.readers import DataError
-from data.stream import EpochShuffle, StepSchedule
 
 from . import distributed as D
 from .premise_bm25 import BM25Ranker, evaluate_ranker
 from .premise_select import PremiseData, embed_all, map_rows, pad_rows
 from .retrieval_metrics import RankingMetrics, available_counts, format_table
-from .tasks import accumulation_steps, router_log, router_loss, sum_over_dp, to_device
+from .tasks import router_log, router_loss, shuffled_items, sum_over_dp, to_device
 
 
 def pair_row(theorem: list[int], premise: list[int], seq_len: int) -> list[int]:
@@ -151,9 +150,8 @@ class RerankTask:
         if not len(self.pairs):
             raise DataError(f"{scfg.output}/candidates.npz: SELECT's top {scfg.mine_k} of the mined train "
                             "theorems holds none of their cited premises: nothing to train on (raise rerank.mine_k)")
-        self.order = EpochShuffle(len(self.pairs), scfg.seed)
-        self.schedule = StepSchedule(scfg.micro_batch_size, layout.dp_rank, layout.dp,
-                                     accumulation_steps(scfg, layout))
+        self.items = shuffled_items(len(self.pairs), scfg, layout,
+                                    f"rerank data {scfg.output}/candidates.npz", "pairs")
         self.bm25 = None  # BM25's metrics on the evaluated theorems, computed at the first evaluation
         if D.is_main():
             print(f"[rerank] {len(mined['train_theorems'])} mined train theorems ({len(self.pairs)} pairs), "
@@ -164,8 +162,8 @@ class RerankTask:
 
     def next_batch(self):
         rows, labels = [], []
-        for g in self.schedule.next_rows():
-            m, p = self.pairs[self.order(g)]
+        for g, item in self.items.next_rows():
+            m, p = self.pairs[item]
             theorem = self.data.train_rows[self.mined["train_theorems"][m]]
             pool = self.negatives[m]
             rng = np.random.default_rng([self.scfg.seed, g])  # the g-th pair of the run draws alike at any layout
@@ -226,11 +224,10 @@ class RerankTask:
         return self.bm25 or {}
 
     def state_dict(self):
-        return self.schedule.state_dict(pairs=len(self.pairs), seed=self.scfg.seed)
+        return self.items.state_dict()
 
     def load_state_dict(self, state):
-        self.schedule.load_state_dict(state, f"rerank data {self.scfg.output}/candidates.npz",
-                                      pairs=len(self.pairs), seed=self.scfg.seed)
+        self.items.load_state_dict(state)
 
 
 def export_reranker(ckpt, mcfg, out_dir, tokenizer) -> Path:

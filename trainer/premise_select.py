@@ -28,14 +28,13 @@ import torch.distributed as dist
 
 from data.metamath import read_split
 from data.readers import DataError
-from data.stream import EpochShuffle, StepSchedule
 from data.tokenizer import load_tokenizer
 from parallel.mappings import all_gather_from_sp
 
 from . import distributed as D
 from .premise_loss import info_nce, pooled_embedding
 from .retrieval_metrics import RankingMetrics, available_counts
-from .tasks import accumulation_steps, eval_batches, router_log, router_loss, sum_over_dp, to_device
+from .tasks import eval_batches, router_log, router_loss, shuffled_items, sum_over_dp, to_device
 
 
 def encode_texts(tokenizer, texts: list[str], seq_len: int) -> list[list[int]]:
@@ -144,16 +143,15 @@ class SelectTask:
         self.scfg, self.model_cfg, self.layout = scfg, model_cfg, layout
         self.data = PremiseData(scfg.data, cfg.tokenizer, scfg.seq_len)
         self.log_q = self.data.log_q(scfg.micro_batch_size, scfg.extra_negatives) if scfg.logq_correction else None
-        self.order = EpochShuffle(len(self.data.pairs), scfg.seed)
-        self.schedule = StepSchedule(scfg.micro_batch_size, layout.dp_rank, layout.dp,
-                                     accumulation_steps(scfg, layout))
+        self.items = shuffled_items(len(self.data.pairs), scfg, layout, f"select data {scfg.data}", "pairs")
         if D.is_main():
             print(f"[select] {len(self.data.labels)} premises, {len(self.data.train)} train theorems "
                   f"({len(self.data.pairs)} pairs), {len(self.data.valid)} held out", flush=True)
 
     def next_batch(self):
-        step, micro = self.schedule.rows_consumed // self.scfg.global_batch_size, self.schedule.micro
-        pairs = self.data.pairs[[self.order(g) for g in self.schedule.next_rows()]]
+        schedule = self.items.schedule
+        step, micro = schedule.rows_consumed // self.scfg.global_batch_size, schedule.micro
+        pairs = self.data.pairs[self.items.next_items()]
         rng = np.random.default_rng([self.scfg.seed, step, micro, self.layout.dp_rank])
         negatives = rng.integers(0, len(self.data.labels), self.scfg.extra_negatives)
         columns = np.concatenate([pairs[:, 1], negatives])
@@ -193,8 +191,7 @@ class SelectTask:
         return {f"eval/{k}": float(v) for k, v in metrics.items()}
 
     def state_dict(self):
-        return self.schedule.state_dict(pairs=len(self.data.pairs), seed=self.scfg.seed)
+        return self.items.state_dict()
 
     def load_state_dict(self, state):
-        self.schedule.load_state_dict(state, f"select data {self.scfg.data}", pairs=len(self.data.pairs),
-                                      seed=self.scfg.seed)
+        self.items.load_state_dict(state)

@@ -16,12 +16,11 @@ import torch
 
 from data.chat import IGNORE_INDEX, instruct_tokenizer, load_conversations, pack_conversations, split_train_valid
 from data.readers import DataError
-from data.stream import EpochShuffle, StepSchedule
 from parallel.cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_top1
 
 from . import distributed as D
 from .generation import answer_eval_for
-from .tasks import PretrainTask, accumulation_steps, eval_batches, sum_over_dp, to_device, token_loss_log
+from .tasks import PretrainTask, eval_batches, shuffled_items, sum_over_dp, to_device, token_loss_log
 
 
 def rows_of(packed, indices) -> dict:
@@ -50,9 +49,8 @@ class SFTTask(PretrainTask):
         if not len(self.rows.tokens):
             raise DataError(f"{scfg.data}: no training conversation keeps an answer token within "
                             f"sft.seq_len={scfg.seq_len}")
-        self.order = EpochShuffle(len(self.rows.tokens), scfg.seed)
-        self.schedule = StepSchedule(scfg.micro_batch_size, layout.dp_rank, layout.dp,
-                                     accumulation_steps(scfg, layout))
+        self.items = shuffled_items(len(self.rows.tokens), scfg, layout,
+                                    f"sft data {scfg.data} (sft.seq_len {scfg.seq_len})")
         if D.is_main():
             print(f"[sft] {len(train)} conversations -> {len(self.rows.tokens)} rows of {scfg.seq_len} tokens "
                   f"({self.rows.truncated} truncated, {self.rows.dropped} dropped); {len(valid)} held out; "
@@ -60,7 +58,7 @@ class SFTTask(PretrainTask):
                   flush=True)
 
     def next_batch(self):
-        return to_device(rows_of(self.rows, [self.order(g) for g in self.schedule.next_rows()]))
+        return to_device(rows_of(self.rows, self.items.next_items()))
 
     def reduce_metrics(self, sums, layout) -> dict:
         return token_loss_log(sums, layout)
@@ -87,8 +85,7 @@ class SFTTask(PretrainTask):
         return {"eval/loss": loss_sum / tokens, "eval/token_accuracy": correct / tokens, **answers}
 
     def state_dict(self):
-        return self.schedule.state_dict(rows=len(self.rows.tokens), seed=self.scfg.seed)
+        return self.items.state_dict()
 
     def load_state_dict(self, state):
-        self.schedule.load_state_dict(state, f"sft data {self.scfg.data} (sft.seq_len {self.scfg.seq_len})",
-                                      rows=len(self.rows.tokens), seed=self.scfg.seed)
+        self.items.load_state_dict(state)

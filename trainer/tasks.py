@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from data.mixture import MixtureStream, open_sources, parse_mixture, source_names
 from data.readers import DataError
-from data.stream import PackedStream, split_documents
+from data.stream import PackedStream, ShuffledItems, split_documents
 from model import load_balancing_loss, router_z_loss
 from model.loss import fused_linear_cross_entropy
 from parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -84,6 +84,12 @@ def token_loss_log(sums: dict, layout) -> dict:
 
 def accumulation_steps(scfg, layout) -> int:
     return scfg.global_batch_size // (scfg.micro_batch_size * layout.dp)
+
+
+def shuffled_items(n: int, scfg, layout, what: str, unit: str = "rows") -> ShuffledItems:
+    """A stage's fixed list of n items as this rank reads them (data.stream.ShuffledItems)."""
+    return ShuffledItems(n, scfg.seed, scfg.micro_batch_size, layout.dp_rank, layout.dp,
+                         accumulation_steps(scfg, layout), what, unit)
 
 
 def eval_batches(num_items: int, micro_batch_size: int, layout, limit: int = 0) -> list[list]:

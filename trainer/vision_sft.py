@@ -37,12 +37,11 @@ import torch
 
 from data.chat import IGNORE_INDEX, check_messages, read_jsonl, split_train_valid
 from data.readers import DataError
-from data.stream import EpochShuffle, StepSchedule
 from model.loss import fused_linear_cross_entropy
 from parallel.cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_top1
 
 from . import distributed as D
-from .tasks import (PretrainTask, accumulation_steps, eval_batches, router_loss, sum_over_dp, to_device,
+from .tasks import (PretrainTask, eval_batches, router_loss, shuffled_items, sum_over_dp, to_device,
                     token_loss_log)
 
 PARTS = ("vision", "projector", "decoder")
@@ -257,9 +256,8 @@ class VisionSFTTask(PretrainTask):
         self.valid = pack_image_conversations(valid, scfg.seq_len)
         if not len(self.rows.tokens):
             raise DataError(f"{scfg.data}: no training conversation fits vision_sft.seq_len={scfg.seq_len}")
-        self.order = EpochShuffle(len(self.rows.tokens), scfg.seed)
-        self.schedule = StepSchedule(scfg.micro_batch_size, layout.dp_rank, layout.dp,
-                                     accumulation_steps(scfg, layout))
+        self.items = shuffled_items(len(self.rows.tokens), scfg, layout,
+                                    f"vision_sft data {scfg.data} (seq_len {scfg.seq_len})")
         if D.is_main():
             print(f"[vision_sft] {len(train)} conversations ({sum(len(r) for r in self.rows.images)} images) -> "
                   f"{len(self.rows.tokens)} rows of {scfg.seq_len} tokens ({self.rows.dropped} too long, "
@@ -267,7 +265,7 @@ class VisionSFTTask(PretrainTask):
                   + (f" (first: {skipped[0]})" if skipped else ""), flush=True)
 
     def next_batch(self):
-        return to_device(rows_of(self.rows, [self.order(g) for g in self.schedule.next_rows()]))
+        return to_device(rows_of(self.rows, self.items.next_items()))
 
     def loss(self, engine, batch, scale):
         ce_sum, stats, _ = multimodal_logits_or_loss(engine, batch, self.layout)
@@ -300,11 +298,10 @@ class VisionSFTTask(PretrainTask):
                 "eval/answer_accuracy": answers_right / answers, "eval/answers": answers}
 
     def state_dict(self):
-        return self.schedule.state_dict(rows=len(self.rows.tokens), seed=self.scfg.seed)
+        return self.items.state_dict()
 
     def load_state_dict(self, state):
-        self.schedule.load_state_dict(state, f"vision_sft data {self.scfg.data} (seq_len {self.scfg.seq_len})",
-                                      rows=len(self.rows.tokens), seed=self.scfg.seed)
+        self.items.load_state_dict(state)
 
 
 def image_side_state(mm_cfg, vision_init, seed: int) -> dict:
