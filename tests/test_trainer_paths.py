@@ -27,7 +27,9 @@ class CountOps(TorchDispatchMode):
 
 def test_checkpointing_modes_recompute_what_they_say():
     """Same gradients in every mode; in backward, full re-runs the blocks' matmuls and attention,
-    selective re-runs none of them but does recompute the element-wise ops (softmax, silu)."""
+    selective re-runs none of them but does recompute the element-wise ops (softmax, silu). The
+    experts' SwiGLU (model.moe._SwiGLU) keeps only its input and evaluates silu in its backward in
+    every mode, so selective shows as more silu calls than no checkpointing."""
     from model import Mixtral
     from model.config import PRESETS, ModelConfig
     from parallel.parallelize import apply_activation_checkpointing
@@ -53,8 +55,9 @@ def test_checkpointing_modes_recompute_what_they_say():
         assert selective[op] == backward[op], (op, selective, backward)
     assert full.get("_scaled_dot_product_flash_attention_for_cpu", 0) == cfg.num_layers
     assert "_scaled_dot_product_flash_attention_for_cpu" not in selective
-    for op in ("_softmax", "silu"):
-        assert op not in backward and selective.get(op, 0) > 0, (op, selective)
+    assert "_softmax" not in backward and selective.get("_softmax", 0) > 0, selective
+    assert backward.get("silu", 0) == cfg.num_layers, backward
+    assert selective.get("silu", 0) > backward["silu"], (selective, backward)
 
 
 def test_checkpointing_modes_train_alike_through_the_trainer(corpus, tmp_path):
