@@ -80,10 +80,31 @@ def _grouped_mm_backward(ctx, grad):
 grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
 
 
+class _GateUp(torch.autograd.Function):
+    """x (R, D) sorted by expert, w1 and w3 (E, D, F) -> (R, 2F) = [x w1[e] | x w3[e]]: one grouped GEMM
+    of twice the width. The concatenated weights exist only while a GEMM runs (here and again in
+    backward): saved for backward, every layer would keep a copy of its w1 and w3 until then."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w3, offsets):
+        ctx.save_for_backward(x, w1, w3, offsets)
+        return grouped_mm(x, torch.cat([w1, w3], -1), offsets)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w1, w3, offsets = ctx.saved_tensors
+        grad_x = grad_w1 = grad_w3 = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grouped_mm(grad, torch.cat([w1, w3], -1).transpose(1, 2), offsets)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            grad_w1, grad_w3 = _grouped_weight_grad(x, grad, offsets).chunk(2, -1)
+        return grad_x, grad_w1, grad_w3, None
+
+
 class _SwiGLU(torch.autograd.Function):
     """h (R, 2F) = [gate | up] -> silu(gate) * up, times scale (R,) per row if given. Saves only h and
-    scale; the backward writes both halves of the gradient into one (R, 2F) tensor (no cat of two
-    halves) with silu's own fused backward kernel."""
+    scale (autograd's ops would keep gate, silu, up and the scaled up); the backward evaluates silu
+    again and uses silu's fused backward kernel."""
 
     @staticmethod
     def forward(ctx, h, scale):
@@ -97,11 +118,8 @@ class _SwiGLU(torch.autograd.Function):
         h, scale = ctx.saved_tensors
         gate, up = h.chunk(2, -1)
         scaled = grad if scale is None else grad * scale[:, None]
-        grad_h = torch.empty_like(h)
-        grad_gate, grad_up = grad_h.chunk(2, -1)
         silu = F.silu(gate)
-        torch.mul(scaled, silu, out=grad_up)
-        torch.ops.aten.silu_backward.grad_input(scaled * up, gate, grad_input=grad_gate)
+        grad_h = torch.cat([torch.ops.aten.silu_backward(scaled * up, gate), scaled * silu], -1)
         grad_scale = None
         if scale is not None and ctx.needs_input_grad[1]:
             grad_scale = silu.mul_(up).mul_(grad).sum(-1)
@@ -110,12 +128,11 @@ class _SwiGLU(torch.autograd.Function):
 
 def swiglu_experts(x: torch.Tensor, w1, w3, w2, counts: torch.Tensor, row_weights=None) -> torch.Tensor:
     """x (N, D) sorted by expert, counts (E,) rows per expert -> (N, D), each row times its routing
-    weight (row_weights (N,), if given). w1 and w3 run as one grouped GEMM of width 2F (their
-    concatenation is a copy of the weights, small next to the activations). The weight scales the
-    hidden row when F <= D (fine-grained experts) and the output row otherwise: the same product,
-    one elementwise pass over the narrower."""
+    weight (row_weights (N,), if given). w1 and w3 run as one grouped GEMM (_GateUp). The weight
+    scales the hidden row when F <= D (fine-grained experts) and the output row otherwise: the same
+    product, one elementwise pass over the narrower."""
     offsets = counts.cumsum(0).to(torch.int32)
-    h = grouped_mm(x, torch.cat([w1, w3], -1), offsets)
+    h = _GateUp.apply(x, w1, w3, offsets)
     scale_hidden = row_weights is not None and w1.shape[-1] <= x.shape[-1]
     hidden = _SwiGLU.apply(h, row_weights.to(h.dtype) if scale_hidden else None)
     y = grouped_mm(hidden, w2, offsets)

@@ -27,8 +27,9 @@ INTERNALS = {
         ("source", "if isinstance(module, MoE):"),
     "deepspeed.runtime.engine.DeepSpeedEngine._take_model_step": ("source", "self.clip_fp32_gradients()"),
     "deepspeed.runtime.engine.DeepSpeedEngine.get_global_grad_norm": ("source", "self._global_grad_norm"),
-    "deepspeed.runtime.engine.DeepSpeedEngine._backward_epilogue":
-        ("source", "if self.enable_backward_allreduce and not self.inside_no_sync_ctxt:"),
+    "deepspeed.runtime.engine.DeepSpeedEngine._backward_epilogue": ("source", "self.allreduce_gradients()"),
+    "deepspeed.runtime.engine.DeepSpeedEngine._get_gradients_for_reduction":
+        ("source", "param.grad = torch.zeros(param.size(), dtype=param.dtype, device=param.device)"),
     "deepspeed.moe.sharded_moe.MOELayer._set_ep_group": ("params", ["self", "ep_group"]),
     "deepspeed.moe.sharded_moe.top2gating": ("params", ["logits", "capacity_factor", "min_capacity",
                                                        "drop_tokens", "ep_group", "top2_2nd_expert_sampling",
@@ -115,12 +116,21 @@ def replace_fp32_clipping(engine, clip_and_norm) -> None:
 
 
 def skip_gradient_allreduce(engine) -> None:
-    """Stop the engine's backward from all-reducing the gradients; for one data-parallel rank without
-    ZeRO, where there is nothing to reduce. DeepSpeed still flattens every gradient into buckets,
-    all-reduces them over the one-rank group and copies them back (at the 86 M bench shape a 200 MB
-    bucket and two passes over the gradients a step). Its public no_sync() also stops the accumulation
-    bookkeeping and forbids engine.step() inside it; the flag it reads is the way."""
-    engine.enable_backward_allreduce = False
+    """Replace the engine's gradient all-reduce by the one part of it that a single data-parallel rank
+    without ZeRO needs: at the accumulation boundary, a trainable parameter without a gradient gets a
+    zero one (DeepSpeed's _get_gradients_for_reduction does so before reducing), so that AdamW steps
+    it, weight decay and moments, as at any other layout (SELECT and RERANK never use the LM head).
+    The rest flattened every gradient into buckets, all-reduced them over the one-rank group and
+    copied them back: at the 86 M bench shape a 200 MB bucket and two passes over the gradients a
+    step. Public no_sync() would also stop the accumulation bookkeeping and forbid engine.step()."""
+    def allreduce_gradients(bucket_size=None):
+        if not engine.is_gradient_accumulation_boundary():
+            return
+        for p in engine.module.parameters():
+            if p.requires_grad and p.numel() and p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+    engine.allreduce_gradients = allreduce_gradients
 
 
 def relink_optimizer_state(optimizer) -> None:

@@ -3,6 +3,7 @@ attention, transformers' Mixtral (MoE block, load-balancing loss), hand formulas
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import MixtralConfig, MixtralForCausalLM
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock, load_balancing_loss_func
 
@@ -163,6 +164,30 @@ def test_grouped_mm_traces_under_torch_compile(dim, out):
     torch.testing.assert_close(got, plain)
     g = torch.randn_like(plain)
     for a, b in zip(torch.autograd.grad(got, (x, w), g), torch.autograd.grad(plain, (x, w), g)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dim,hidden", [(64, 32), (32, 64)], ids=["weight-on-hidden", "weight-on-output"])
+def test_experts_trace_under_torch_compile_and_equal_a_token_loop(dim, hidden):
+    """The routed experts (gather, w1|w3 GEMM, SwiGLU, w2 GEMM, weighted sum) trace whole (fullgraph)
+    and equal, with their gradients, a loop over tokens and choices:
+    y_t = sum_j weight_tj * (silu(x_t w1[e]) * (x_t w3[e])) w2[e], e = expert_tj."""
+    torch.manual_seed(0)
+    moe = MoE(dim, 4, 2, hidden)
+    for p in moe.experts.parameters():
+        torch.nn.init.normal_(p, std=dim ** -0.5)
+    x = torch.randn(24, dim, requires_grad=True)
+    _, weights, indices = moe.router(x)
+    weights = weights.detach()
+    ex = moe.experts
+    loop = torch.stack([sum(weights[t, j] * (F.silu(x[t] @ ex.w1[e]) * (x[t] @ ex.w3[e])) @ ex.w2[e]
+                            for j, e in enumerate(indices[t].tolist())) for t in range(len(x))])
+    compiled = torch.compile(ex, backend="aot_eager", fullgraph=True)
+    got = compiled(x, indices, weights)
+    torch.testing.assert_close(got, loop)
+    g = torch.randn_like(loop)
+    params = (x, ex.w1, ex.w3, ex.w2)
+    for a, b in zip(torch.autograd.grad(got, params, g), torch.autograd.grad(loop, params, g)):
         torch.testing.assert_close(a, b)
 
 

@@ -8,6 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import pretrain_args, read_metrics, run_cli
+from distributed import run_ranks
 
 RECIPE = "recipes/quickstart.yaml"
 
@@ -147,3 +148,35 @@ def test_sft_from_an_hf_folder_equals_sft_from_the_checkpoint(corpus, tmp_path):
     assert len(from_hf) == 3
     for (a, na), (b, nb) in zip(from_hf, from_ckpt):
         assert math.isclose(a, b, rel_tol=1e-6) and math.isclose(na, nb, rel_tol=1e-6), (from_hf, from_ckpt)
+
+
+def _step_through_hidden_only(rank, world_size):
+    from parallel.layout import Layout
+    from trainer.config import load_config, model_config_of
+    from trainer.engine import build_engine, build_model
+
+    cfg = load_config(None, ["model.preset=debug", "pretrain.micro_batch_size=2", "pretrain.global_batch_size=2",
+                             "pretrain.seq_len=16", "pretrain.warmup_steps=0", "pretrain.lr=1e-2",
+                             "pretrain.weight_decay=0.1"])
+    mcfg = model_config_of(cfg)
+    layout = Layout.build(cfg.parallel, mcfg, cfg.pretrain, world_size, rank)
+    engine = build_engine(build_model(mcfg, None, 0, layout, cfg.parallel), cfg.pretrain, cfg.parallel, layout)
+    head = engine.module.output.weight
+    group = next(g for g in engine.optimizer.param_groups if any(p is head for p in g["params"]))
+    lr, decay, before = group["lr"], group["weight_decay"], head.detach().clone()
+    tokens = torch.randint(0, mcfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    hidden, _ = engine.module.hidden(tokens)
+    engine.backward(hidden.float().square().mean())
+    engine.step()
+    return engine.zero_optimization_stage(), lr, decay, before.numpy(), head.detach().numpy().copy()
+
+
+def test_a_parameter_without_gradient_steps_on_one_rank_as_deepspeed_reduces_it():
+    """One fp32 rank runs ZeRO 0 without DeepSpeed's gradient all-reduce
+    (parallel.deepspeed_internals.skip_gradient_allreduce). A trainable parameter the loss never reaches
+    (the LM head under SELECT and RERANK, which train through `hidden`) still gets the zero gradient the
+    all-reduce gives it, so AdamW steps it: a zero Adam update and decoupled weight decay,
+    w <- w (1 - lr wd)."""
+    stage, lr, decay, before, after = run_ranks(1, _step_through_hidden_only)[0]
+    assert stage == 0 and decay > 0
+    np.testing.assert_allclose(after, before * (1 - lr * decay), rtol=1e-6, atol=0)
