@@ -12,8 +12,9 @@ Experts are stored stacked so one grouped GEMM serves all of them:
     w1, w3: (E, D, F)    w2: (E, F, D)      expert_e(x) = (silu(x w1[e]) * (x w3[e])) w2[e]
 `Experts.forward` sorts the (token, choice) pairs by expert, copies each token's row to its k places
 (gather_rows), runs two grouped GEMMs (w1 and w3 together, then w2) with the routing weight applied to
-the narrower of the hidden (F) and output (D) rows, and sums each token's k rows back (sum_rows). Parallel versions (expert
-parallelism) replace `Experts` with a module of the same interface; the router stays.
+the narrower of the hidden (F) and output (D) rows, and sums each token's k rows back (sum_rows).
+Parallel versions (expert parallelism) replace `Experts` with a module of the same interface; the
+router stays.
 """
 
 from dataclasses import dataclass
@@ -167,7 +168,8 @@ class _SumRows(torch.autograd.Function):
     def forward(ctx, y, order, k):
         ctx.save_for_backward(order)
         ctx.k = k
-        slot_rows = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        slots = torch.arange(order.numel(), device=order.device)
+        slot_rows = torch.empty_like(order).scatter_(0, order, slots)
         return F.embedding_bag(slot_rows.view(-1, k), y, mode="sum")
 
     @staticmethod

@@ -155,12 +155,13 @@ def _step_through_hidden_only(rank, world_size):
     from trainer.config import load_config, model_config_of
     from trainer.engine import build_engine, build_model
 
-    cfg = load_config(None, ["model.preset=debug", "pretrain.micro_batch_size=2", "pretrain.global_batch_size=2",
-                             "pretrain.seq_len=16", "pretrain.warmup_steps=0", "pretrain.lr=1e-2",
-                             "pretrain.weight_decay=0.1"])
+    cfg = load_config(None, ["model.preset=debug", "pretrain.micro_batch_size=2",
+                             "pretrain.global_batch_size=2", "pretrain.seq_len=16", "pretrain.warmup_steps=0",
+                             "pretrain.lr=1e-2", "pretrain.weight_decay=0.1"])
     mcfg = model_config_of(cfg)
     layout = Layout.build(cfg.parallel, mcfg, cfg.pretrain, world_size, rank)
-    engine = build_engine(build_model(mcfg, None, 0, layout, cfg.parallel), cfg.pretrain, cfg.parallel, layout)
+    model = build_model(mcfg, None, 0, layout, cfg.parallel)
+    engine = build_engine(model, cfg.pretrain, cfg.parallel, layout)
     head = engine.module.output.weight
     group = next(g for g in engine.optimizer.param_groups if any(p is head for p in g["params"]))
     lr, decay, before = group["lr"], group["weight_decay"], head.detach().clone()
